@@ -1,0 +1,137 @@
+"""`AriadneConfig`: the routing bundle's configuration (fields and validation only, no tensors)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PreTrainedConfig
+
+from .constants import BASE_ADAPTER, BUNDLE_FORMAT_VERSION
+
+DISTANCES = ("cosine", "l2")
+ROUTING_GRANULARITIES = ("sequence", "token")
+GENERATION_STRATEGIES = ("batched", "grouped")
+LORA_BACKENDS = ("peft", "stacked")
+KERNEL_BACKENDS = (None, "torch", "triton")
+
+
+class AriadneConfig(PreTrainedConfig):
+    r"""Configuration of a routed bundle: which backbone, which adapters, and how prompts are routed.
+
+    Guarantees: every field is JSON-serialisable, `AriadneConfig.from_dict(c.to_dict())` round-trips, unknown keys
+    are kept (forward compatibility within a major bundle version), and a config whose
+    `bundle_format_version` has a newer major version than this library understands is refused.
+
+    Args:
+        backbone_name_or_path: Hub id or path of the backbone, or ``"base"`` for a backbone stored in the bundle.
+        backbone_revision: the pinned revision (commit sha or tag) of the backbone on the Hub, if any.
+        adapter_names: adapter names in router order (column ``a`` of every score matrix is ``adapter_names[a]``).
+        adapters: per-adapter metadata (rank, target modules, prompt and centroid counts, file sha256).
+        embedding_dim: D of the backbone's input embedding table the centroids were computed in.
+        embedding_vocab_size: V (rows) of that table; token ids must be below it.
+        embedding_fingerprint: norms of a fixed sample of embedding rows; detects a different backbone of equal shape.
+        num_centroids: centroids requested per adapter (clipped to its number of prompts).
+        distance: ``"cosine"`` (spherical k-means, cosine similarity) or ``"l2"`` (negated euclidean distance).
+        center: subtract the mean of all building prompts' embeddings before scoring.
+        ignore_special_tokens: give special tokens (BOS, chat markers, padding) zero weight in the pooled embedding.
+        reject_threshold: rows whose best score is below it are routed to ``"__base__"`` (the plain backbone).
+        routing: ``"sequence"`` (one adapter per prompt) or ``"token"`` (re-mix adapters while decoding).
+        reroute_every: for token routing, re-score the context every this many new tokens (0: only the prompt).
+        top_k: for token routing, how many adapters are mixed per row.
+        temperature: for token routing, softmax temperature over the top-k scores.
+        generation_strategy: ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate per
+            routed adapter group, rows restored to input order).
+        lora_backend: ``"peft"`` (PEFT's mixed-batch LoRA forward) or ``"stacked"`` (our rank-padded per-row path).
+        kernel_backend: routing kernel, ``None`` for automatic (Triton on CUDA, torch otherwise).
+        max_prompt_tokens: prompts are truncated to this many tokens when centroids are built.
+    """
+
+    model_type = "ariadne"
+
+    backbone_name_or_path: str | None = None
+    backbone_revision: str | None = None
+    adapter_names: list[str] | None = None
+    adapters: dict[str, Any] | None = None
+    embedding_dim: int | None = None
+    embedding_vocab_size: int | None = None
+    embedding_fingerprint: list[float] | None = None
+    num_centroids: int = 8
+    distance: str = "cosine"
+    center: bool = True
+    ignore_special_tokens: bool = True
+    reject_threshold: float | None = None
+    routing: str = "sequence"
+    reroute_every: int = 2
+    top_k: int = 2
+    temperature: float = 0.05
+    generation_strategy: str = "batched"
+    lora_backend: str = "peft"
+    kernel_backend: str | None = None
+    max_prompt_tokens: int = 512
+    bundle_format_version: str = BUNDLE_FORMAT_VERSION
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if self.adapter_names is None:
+            self.adapter_names = []
+        if self.adapters is None:
+            self.adapters = {}
+        self.adapter_names = list(self.adapter_names)
+        check_bundle_version(self.bundle_format_version)
+        validate_routing_options(self)
+        names = self.adapter_names
+        if len(set(names)) != len(names):
+            raise ValueError(f"AriadneConfig: adapter names must be unique, got {names}.")
+        for name in names:
+            validate_adapter_name(name)
+
+
+def check_bundle_version(version: str) -> None:
+    """Raise if `version` has a newer major number than this library reads."""
+    try:
+        major = int(str(version).split(".")[0])
+    except ValueError as err:
+        raise ValueError(f"AriadneConfig: bundle_format_version {version!r} is not 'MAJOR.MINOR'.") from err
+    supported = int(BUNDLE_FORMAT_VERSION.split(".")[0])
+    if major > supported:
+        raise ValueError(
+            f"This bundle has format version {version}, newer than the {BUNDLE_FORMAT_VERSION} this ariadne_hf "
+            "understands. Upgrade ariadne_hf (pip install -U ariadne_hf) to load it."
+        )
+
+
+def validate_adapter_name(name: str) -> None:
+    """Raise unless `name` can be used as an adapter name and a folder name."""
+    if not isinstance(name, str) or not name or name == BASE_ADAPTER:
+        raise ValueError(f"Invalid adapter name {name!r}: use a non-empty string other than {BASE_ADAPTER!r}.")
+    if "/" in name or "\\" in name or name.startswith(".") or "." in name:
+        raise ValueError(
+            f"Invalid adapter name {name!r}: it names a folder under adapters/ and a PEFT adapter, so it may not "
+            "contain '/', '\\' or '.'. Use e.g. letters, digits, '-' and '_'."
+        )
+
+
+def validate_routing_options(config: Any) -> None:
+    """Raise a clear error for any routing option out of its range (shared by config and per-call overrides)."""
+    if config.distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {config.distance!r}.")
+    if config.routing not in ROUTING_GRANULARITIES:
+        raise ValueError(f"routing must be one of {ROUTING_GRANULARITIES}, got {config.routing!r}.")
+    if config.generation_strategy not in GENERATION_STRATEGIES:
+        raise ValueError(
+            f"generation_strategy must be one of {GENERATION_STRATEGIES}, got {config.generation_strategy!r}."
+        )
+    if config.lora_backend not in LORA_BACKENDS:
+        raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}, got {config.lora_backend!r}.")
+    if config.kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
+    if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:
+        raise ValueError(f"num_centroids must be a positive integer, got {config.num_centroids!r}.")
+    if not isinstance(config.reroute_every, int) or config.reroute_every < 0:
+        raise ValueError(
+            f"reroute_every must be an integer >= 0 (0 = route once from the prompt), got {config.reroute_every!r}."
+        )
+    if not isinstance(config.top_k, int) or config.top_k < 1:
+        raise ValueError(f"top_k must be a positive integer, got {config.top_k!r}.")
+    if not (isinstance(config.temperature, (int, float)) and config.temperature > 0):
+        raise ValueError(f"temperature must be a number > 0, got {config.temperature!r}.")

@@ -1,0 +1,26 @@
+"""Names shared across the package: bundle file names, sentinel adapter names, environment variables."""
+
+BASE_ADAPTER = "__base__"
+"""Adapter name of rows routed to the plain backbone (PEFT's own sentinel for mixed batches)."""
+
+BUNDLE_FORMAT_VERSION = "1.0"
+"""Major.minor of the bundle layout. A bundle with a newer major version is refused."""
+
+CONFIG_NAME = "config.json"
+ROUTER_WEIGHTS_NAME = "model.safetensors"
+GENERATION_CONFIG_NAME = "generation_config.json"
+ADAPTERS_DIR = "adapters"
+BASE_DIR = "base"
+MODEL_CARD_NAME = "README.md"
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLED_WEIGHT_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.pt", "model.bin")
+
+ENV_KERNEL = "ARIADNE_KERNEL"
+"""Overrides the routing kernel backend: "torch" or "triton"."""
+
+# Keys of the router state in model.safetensors.
+ROUTER_CENTROIDS = "router.centroids"  # [K, D] fp32
+ROUTER_CENTROID_ADAPTER = "router.centroid_adapter"  # [K] int64
+ROUTER_CENTER = "router.center"  # [D] fp32, optional
+ROUTER_TOKEN_WEIGHTS = "router.token_weights"  # [V] fp32, optional
