@@ -1,8 +1,30 @@
-"""ariadne_hf: training-free routing of prompts to LoRA adapters, as a transformers/PEFT plugin."""
+"""ariadne_hf: training-free routing of prompts to LoRA adapters, as a transformers/PEFT plugin.
 
+`import ariadne_hf` registers model_type "ariadne" with AutoConfig, AutoModel and AutoModelForCausalLM, so a
+bundle loads with `AutoModelForCausalLM.from_pretrained(path_or_repo)` and works in `pipeline("text-generation")`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+from .bundle import BundleError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
+from .adapters import AdapterError
+from .modeling_ariadne import AriadneRoutedModel
+from .router import RoutingDecision
 
 __version__ = "0.1.0"
 
-__all__ = ["AriadneConfig", "BASE_ADAPTER", "__version__"]
+AutoConfig.register("ariadne", AriadneConfig, exist_ok=True)
+AutoModel.register(AriadneConfig, AriadneRoutedModel, exist_ok=True)
+AutoModelForCausalLM.register(AriadneConfig, AriadneRoutedModel, exist_ok=True)
+
+__all__ = [
+    "AdapterError",
+    "AriadneConfig",
+    "AriadneRoutedModel",
+    "BASE_ADAPTER",
+    "BundleError",
+    "RoutingDecision",
+    "__version__",
+]

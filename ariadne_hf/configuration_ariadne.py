@@ -37,13 +37,15 @@ class AriadneConfig(PreTrainedConfig):
         reject_threshold: rows whose best score is below it are routed to ``"__base__"`` (the plain backbone).
         routing: ``"sequence"`` (one adapter per prompt) or ``"token"`` (re-mix adapters while decoding).
         reroute_every: for token routing, re-score the context every this many new tokens (0: only the prompt).
-        top_k: for token routing, how many adapters are mixed per row.
-        temperature: for token routing, softmax temperature over the top-k scores.
+        routing_top_k: for token routing, how many adapters are mixed per row (not `top_k`: that is sampling's).
+        routing_temperature: for token routing, softmax temperature over the top-k scores.
         generation_strategy: ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate per
             routed adapter group, rows restored to input order).
         lora_backend: ``"peft"`` (PEFT's mixed-batch LoRA forward) or ``"stacked"`` (our rank-padded per-row path).
         kernel_backend: routing kernel, ``None`` for automatic (Triton on CUDA, torch otherwise).
         max_prompt_tokens: prompts are truncated to this many tokens when centroids are built.
+        routing_report: selection accuracy on held-out prompts, when they were given at build time.
+        router_sha256: checksum of model.safetensors, verified on load.
     """
 
     model_type = "ariadne"
@@ -62,12 +64,14 @@ class AriadneConfig(PreTrainedConfig):
     reject_threshold: float | None = None
     routing: str = "sequence"
     reroute_every: int = 2
-    top_k: int = 2
-    temperature: float = 0.05
+    routing_top_k: int = 2
+    routing_temperature: float = 0.05
     generation_strategy: str = "batched"
     lora_backend: str = "peft"
     kernel_backend: str | None = None
     max_prompt_tokens: int = 512
+    routing_report: dict[str, Any] | None = None
+    router_sha256: str | None = None
     bundle_format_version: str = BUNDLE_FORMAT_VERSION
 
     def __post_init__(self, **kwargs):
@@ -131,7 +135,7 @@ def validate_routing_options(config: Any) -> None:
         raise ValueError(
             f"reroute_every must be an integer >= 0 (0 = route once from the prompt), got {config.reroute_every!r}."
         )
-    if not isinstance(config.top_k, int) or config.top_k < 1:
-        raise ValueError(f"top_k must be a positive integer, got {config.top_k!r}.")
-    if not (isinstance(config.temperature, (int, float)) and config.temperature > 0):
-        raise ValueError(f"temperature must be a number > 0, got {config.temperature!r}.")
+    if not isinstance(config.routing_top_k, int) or config.routing_top_k < 1:
+        raise ValueError(f"routing_top_k must be a positive integer, got {config.routing_top_k!r}.")
+    if not (isinstance(config.routing_temperature, (int, float)) and config.routing_temperature > 0):
+        raise ValueError(f"routing_temperature must be a number > 0, got {config.routing_temperature!r}.")

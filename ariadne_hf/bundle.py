@@ -1,0 +1,288 @@
+"""Local save and load of a bundle: file layout, integrity checks (sha256), version and backbone checks.
+
+Layout (see docs/architecture.md):
+    config.json, model.safetensors (router), generation_config.json, tokenizer files, README.md, images/,
+    adapters/<name>/{adapter_config.json, adapter_model.safetensors}, optional base/ (the backbone).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .adapters import AdapterError, check_adapter_dir, file_sha256, load_adapter, save_adapter
+from .configuration_ariadne import AriadneConfig
+from .constants import (
+    ADAPTER_WEIGHTS_NAME,
+    ADAPTERS_DIR,
+    BASE_DIR,
+    CONFIG_NAME,
+    PICKLED_WEIGHT_NAMES,
+    ROUTER_CENTER,
+    ROUTER_CENTROID_ADAPTER,
+    ROUTER_CENTROIDS,
+    ROUTER_TOKEN_WEIGHTS,
+    ROUTER_WEIGHTS_NAME,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class BundleError(ValueError):
+    """A bundle cannot be loaded: the message names the file or adapter at fault and the fix."""
+
+
+# ---- backbone reference --------------------------------------------------------------------------------------
+def pin_backbone(name_or_path: str, revision: str | None, *, token: str | None = None) -> tuple[str, str | None]:
+    """Return (reference, pinned revision) for a backbone: an absolute path for a local folder (no revision),
+    or the Hub id with the commit sha of `revision` (from the Hub, or the local cache when offline)."""
+    if os.path.isdir(name_or_path):
+        return os.path.abspath(name_or_path), None
+    try:
+        from huggingface_hub import HfApi
+
+        return name_or_path, HfApi(token=token).model_info(name_or_path, revision=revision).sha
+    except Exception:  # offline or unreachable: fall back to the cache
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name_or_path, CONFIG_NAME, revision=revision)
+        if isinstance(cached, str) and "/snapshots/" in cached:
+            return name_or_path, cached.split("/snapshots/")[1].split("/")[0]
+        logger.warning("Could not pin the revision of backbone %r; recording %r.", name_or_path, revision)
+        return name_or_path, revision
+
+
+# ---- writing ------------------------------------------------------------------------------------------------
+def backbone_state_dict(peft_model) -> dict[str, torch.Tensor]:
+    """The backbone's own weights, without LoRA layers (keys as in the plain transformers model)."""
+    state = {}
+    for key, value in peft_model.get_base_model().state_dict().items():
+        if ".lora_" in key or "lora_embedding" in key or "lora_magnitude" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    return state
+
+
+def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool = False) -> None:
+    """Write `model` (an AriadneRoutedModel) as a bundle folder.
+
+    Guarantees: the folder holds exactly the bundle files (stale adapter folders of removed adapters are
+    deleted); no adapter_config.json at the root; weights are safetensors only; config.json records the
+    sha256 of every adapter's and the router's weights, which loading verifies.
+    """
+    directory = os.fspath(directory)
+    if os.path.isfile(directory):
+        raise BundleError(f"save_pretrained: {directory} is a file, not a folder.")
+    os.makedirs(directory, exist_ok=True)
+    config: AriadneConfig = model.config
+    if include_backbone:
+        reference, revision = BASE_DIR, None
+    else:
+        reference, revision = config.backbone_name_or_path, config.backbone_revision
+        if not reference or reference == BASE_DIR and not os.path.isdir(os.path.join(directory, BASE_DIR)):
+            raise BundleError(
+                "The backbone has no Hub id or path to reference (it was built in code, or came from base/): "
+                "save with include_backbone=True to store it in the bundle."
+            )
+        if os.path.isabs(reference):
+            logger.warning("The bundle references the backbone by local path %s; it will not load on another "
+                           "machine. Use include_backbone=True or a Hub id for a portable bundle.", reference)
+
+    adapters_root = os.path.join(directory, ADAPTERS_DIR)
+    if os.path.isdir(adapters_root):
+        for stale in set(os.listdir(adapters_root)) - set(config.adapter_names):
+            shutil.rmtree(os.path.join(adapters_root, stale))
+    summaries = {}
+    for name in config.adapter_names:
+        weights = save_adapter(model.peft_model, name, os.path.join(adapters_root, name),
+                               base_model_name_or_path=reference)
+        summaries[name] = {**config.adapters.get(name, {}), "sha256": file_sha256(weights)}
+
+    router = model.router
+    tensors = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
+    if router.optional_center() is not None:
+        tensors[ROUTER_CENTER] = router.center
+    if router.optional_token_weights() is not None:
+        tensors[ROUTER_TOKEN_WEIGHTS] = router.token_weights
+    router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, router_path, metadata={"format": "pt"})
+
+    if include_backbone:
+        backbone = model.backbone
+        backbone.save_pretrained(os.path.join(directory, BASE_DIR), state_dict=backbone_state_dict(model.peft_model))
+    saved = AriadneConfig.from_dict(config.to_dict())
+    saved.backbone_name_or_path, saved.backbone_revision = reference, revision
+    saved.adapters = summaries
+    saved.router_sha256 = file_sha256(router_path)
+    saved.architectures = [type(model).__name__]
+    saved.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if model.tokenizer is not None:
+        model.tokenizer.save_pretrained(directory)
+    else:
+        logger.warning("The model has no tokenizer; the bundle will not work with pipeline() or AutoTokenizer.")
+    _write_card(model, directory, saved)
+
+
+def _write_card(model, directory: str, config: AriadneConfig) -> None:
+    try:
+        from .model_card import write_model_card
+    except ImportError:  # the card module is optional at this stage
+        return
+    write_model_card(directory, config, model.router.centroids.cpu(), model.router.centroid_adapter.cpu(),
+                     routing_report=getattr(config, "routing_report", None))
+
+
+# ---- reading ------------------------------------------------------------------------------------------------
+def read_bundle(directory: str) -> tuple[AriadneConfig, dict[str, torch.Tensor]]:
+    """Read and validate a bundle folder without loading any model.
+
+    Checks, each with an error naming the file or adapter: config.json present and an ariadne config of a
+    supported version; router weights present, safetensors, intact (sha256), with consistent shapes; every
+    adapter folder present with a valid LoRA config and intact safetensors weights.
+    """
+    config_path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(config_path):
+        raise BundleError(f"{directory} is not an ariadne bundle: {CONFIG_NAME} is missing.")
+    try:
+        with open(config_path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{config_path} is not valid JSON ({err}); the bundle is corrupt.") from err
+    if raw.get("model_type") != "ariadne":
+        raise BundleError(
+            f"{directory} is not an ariadne bundle (config.json has model_type {raw.get('model_type')!r}). "
+            "Load plain models with transformers directly, or build a bundle with AriadneRoutedModel.from_adapters."
+        )
+    config = AriadneConfig.from_dict(raw)
+    router = _read_router(directory, config)
+    for name in config.adapter_names:
+        folder = os.path.join(directory, ADAPTERS_DIR, name)
+        if not os.path.isdir(folder):
+            raise BundleError(f"Bundle {directory}: adapter {name!r} is listed in config.json but {folder} is missing.")
+        check_adapter_dir(folder, name)
+        expected = (config.adapters or {}).get(name, {}).get("sha256")
+        if expected and file_sha256(os.path.join(folder, ADAPTER_WEIGHTS_NAME)) != expected:
+            raise BundleError(
+                f"Bundle {directory}: adapter {name!r} weights ({ADAPTERS_DIR}/{name}/{ADAPTER_WEIGHTS_NAME}) do not "
+                "match the checksum in config.json: the file is corrupt or was changed. Re-download or re-save."
+            )
+    return config, router
+
+
+def _read_router(directory: str, config: AriadneConfig) -> dict[str, torch.Tensor]:
+    path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
+    if not os.path.isfile(path):
+        pickled = [f for f in PICKLED_WEIGHT_NAMES if os.path.isfile(os.path.join(directory, f))]
+        hint = f" (only pickled {pickled[0]} found; ariadne_hf never loads pickles)" if pickled else ""
+        raise BundleError(f"Bundle {directory}: router weights {ROUTER_WEIGHTS_NAME} are missing{hint}.")
+    expected = getattr(config, "router_sha256", None)
+    if expected and file_sha256(path) != expected:
+        raise BundleError(f"Bundle {directory}: {ROUTER_WEIGHTS_NAME} does not match its checksum in config.json; "
+                          "the file is corrupt or was changed.")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(f"Bundle {directory}: {ROUTER_WEIGHTS_NAME} is not a readable safetensors file ({err}).") from err
+    for key in (ROUTER_CENTROIDS, ROUTER_CENTROID_ADAPTER):
+        if key not in tensors:
+            raise BundleError(f"Bundle {directory}: {ROUTER_WEIGHTS_NAME} has no tensor {key!r}.")
+    centroids = tensors[ROUTER_CENTROIDS]
+    if centroids.ndim != 2 or (config.embedding_dim is not None and centroids.shape[1] != config.embedding_dim):
+        raise BundleError(
+            f"Bundle {directory}: centroids have shape {tuple(centroids.shape)} but config.json says embedding_dim "
+            f"{config.embedding_dim}; the router file belongs to another bundle."
+        )
+    return tensors
+
+
+def check_backbone_matches(config: AriadneConfig, embed_weight: torch.Tensor, where: str) -> None:
+    """Refuse a backbone whose input embedding table is not the one the centroids were computed in."""
+    from .router import embedding_fingerprint, fingerprints_match
+
+    vocab, dim = embed_weight.shape
+    if (config.embedding_vocab_size, config.embedding_dim) != (vocab, dim):
+        raise BundleError(
+            f"{where}: the centroids were computed for an embedding table of shape "
+            f"[{config.embedding_vocab_size}, {config.embedding_dim}] but the backbone "
+            f"{config.backbone_name_or_path!r} has [{vocab}, {dim}]. The bundle's centroid table comes from another "
+            "backbone: rebuild the bundle with from_adapters on this backbone."
+        )
+    if config.embedding_fingerprint and not fingerprints_match(config.embedding_fingerprint,
+                                                               embedding_fingerprint(embed_weight)):
+        raise BundleError(
+            f"{where}: the backbone's embedding table differs from the one the centroids were computed in "
+            f"(same shape, other values): wrong backbone or revision for {config.backbone_name_or_path!r}. "
+            "Load the backbone the bundle pins, or rebuild the bundle."
+        )
+
+
+def load_bundle(cls, name_or_path, **kwargs: Any):
+    """Load a bundle folder or Hub repo into `cls` (AriadneRoutedModel).
+
+    Every bundle file is validated before the backbone is loaded, so a broken bundle fails fast and no
+    half-built model is returned.
+    """
+    hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
+    hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
+    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
+    kwargs.pop("torch_dtype", None)
+    backbone_kwargs = {k: kwargs.pop(k) for k in ("device_map", "attn_implementation", "low_cpu_mem_usage",
+                                                  "max_memory", "offload_folder") if k in kwargs}
+    for ignored in ("_from_auto", "_from_pipeline", "adapter_kwargs", "trust_remote_code", "use_safetensors",
+                    "config", "subfolder", "proxies", "code_revision"):
+        kwargs.pop(ignored, None)
+    if kwargs:
+        raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}.")
+    directory = _resolve_directory(os.fspath(name_or_path), hub_kwargs)
+    config, router = read_bundle(directory)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if config.backbone_name_or_path == BASE_DIR:
+        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None
+        if not os.path.isdir(backbone_ref):
+            raise BundleError(f"Bundle {directory}: config says the backbone is in {BASE_DIR}/ but it is missing.")
+    else:
+        backbone_ref, backbone_revision = config.backbone_name_or_path, config.backbone_revision
+    shared = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
+    try:
+        backbone = AutoModelForCausalLM.from_pretrained(
+            backbone_ref, revision=backbone_revision, dtype=dtype, use_safetensors=True, **backbone_kwargs, **shared
+        )
+    except OSError as err:
+        raise BundleError(
+            f"Bundle {directory}: could not load its backbone {backbone_ref!r} (revision {backbone_revision}): {err}"
+        ) from err
+    check_backbone_matches(config, backbone.get_input_embeddings().weight, f"Bundle {directory}")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    peft_model: Any = backbone
+    for name in config.adapter_names:
+        try:
+            peft_model = load_adapter(peft_model, os.path.join(directory, ADAPTERS_DIR, name), name)
+        except AdapterError as err:
+            raise BundleError(f"Bundle {directory}: {err}") from err
+    model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
+    model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
+                            router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS))
+    model.router.to(backbone.get_input_embeddings().weight.device)
+    model.eval()
+    return model
+
+
+def _resolve_directory(name_or_path: str, hub_kwargs: dict) -> str:
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    try:
+        from .hub import resolve_bundle
+    except ImportError as err:
+        raise BundleError(f"{name_or_path!r} is not a local bundle folder.") from err
+    return resolve_bundle(name_or_path, **hub_kwargs)

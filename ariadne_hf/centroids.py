@@ -1,0 +1,104 @@
+"""Seeded k-means++ / spherical k-means in torch, and per-adapter centroid building."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DEFAULT_KMEANS_ITERATIONS = 50
+
+
+def _similarity(points: torch.Tensor, centers: torch.Tensor, distance: str) -> torch.Tensor:
+    """Higher = closer. points [N, D], centers [K, D] -> [N, K] (cosine assumes unit rows)."""
+    if distance == "cosine":
+        return points @ centers.T
+    return -torch.cdist(points, centers).square()
+
+
+def _kmeans_plus_plus(points: torch.Tensor, k: int, distance: str, generator: torch.Generator) -> torch.Tensor:
+    """k-means++ seeding: returns k row indices of `points` [N, D], each drawn with probability ~ squared gap."""
+    n = points.shape[0]
+    chosen = [int(torch.randint(n, (1,), generator=generator).item())]
+    if distance == "cosine":
+        gap = (1.0 - points @ points[chosen[0]]).clamp_min(0.0)  # [N]
+    else:
+        gap = (points - points[chosen[0]]).square().sum(-1)  # [N]
+    for _ in range(1, k):
+        total = gap.sum()
+        if total <= 0:  # every remaining point coincides with a chosen one
+            remaining = [i for i in range(n) if i not in set(chosen)]
+            chosen.append(remaining[0])
+        else:
+            chosen.append(int(torch.multinomial(gap / total, 1, generator=generator).item()))
+        if distance == "cosine":
+            new_gap = (1.0 - points @ points[chosen[-1]]).clamp_min(0.0)
+        else:
+            new_gap = (points - points[chosen[-1]]).square().sum(-1)
+        gap = torch.minimum(gap, new_gap)
+    return torch.tensor(chosen, dtype=torch.long)
+
+
+def kmeans(
+    points: torch.Tensor,
+    num_centroids: int,
+    *,
+    distance: str = "cosine",
+    seed: int = 0,
+    iterations: int = DEFAULT_KMEANS_ITERATIONS,
+) -> torch.Tensor:
+    """Cluster `points` [N, D] into min(num_centroids, N) centroids [K, D] fp32.
+
+    Guarantees: deterministic for a seed (own `torch.Generator`, CPU); k-means++ seeding; for "cosine" the
+    points are L2-normalised and the centroids are unit-norm means (spherical k-means); for "l2" plain
+    Lloyd iterations. A cluster that empties keeps its previous centroid. K is clipped to N.
+    """
+    if points.ndim != 2 or points.shape[0] == 0:
+        raise ValueError(f"kmeans needs a non-empty [N, D] matrix, got shape {tuple(points.shape)}.")
+    if distance not in ("cosine", "l2"):
+        raise ValueError(f"distance must be 'cosine' or 'l2', got {distance!r}.")
+    x = points.detach().to(device="cpu", dtype=torch.float32)  # [N, D]
+    if distance == "cosine":
+        x = F.normalize(x, dim=-1)
+    k = max(1, min(int(num_centroids), x.shape[0]))
+    generator = torch.Generator().manual_seed(seed)
+    centers = x[_kmeans_plus_plus(x, k, distance, generator)].clone()  # [K, D]
+    assignment = None
+    for _ in range(iterations):
+        new_assignment = _similarity(x, centers, distance).argmax(dim=-1)  # [N]
+        if assignment is not None and torch.equal(new_assignment, assignment):
+            break
+        assignment = new_assignment
+        sums = torch.zeros_like(centers).index_add_(0, assignment, x)  # [K, D]
+        counts = torch.bincount(assignment, minlength=k).to(torch.float32)  # [K]
+        filled = counts > 0
+        centers[filled] = sums[filled] / counts[filled].unsqueeze(-1)
+        if distance == "cosine":
+            centers = F.normalize(centers, dim=-1)
+    return centers
+
+
+def build_router_tables(
+    embeddings: dict[str, torch.Tensor],
+    adapter_order: list[str],
+    num_centroids: int | dict[str, int],
+    *,
+    distance: str = "cosine",
+    center: torch.Tensor | None = None,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centroids of each adapter's prompt embeddings, concatenated in `adapter_order`.
+
+    `embeddings[name]` is [N_a, D] (pooled prompt embeddings, before centering). Returns
+    (centroids [K, D] fp32, centroid_adapter [K] int64 with values in [0, len(adapter_order))).
+    Each adapter is clustered independently, so adding one adapter never changes another's centroids.
+    """
+    blocks, owners = [], []
+    for index, name in enumerate(adapter_order):
+        points = embeddings[name].to(torch.float32)
+        if center is not None:
+            points = points - center.to(torch.float32)
+        k = num_centroids[name] if isinstance(num_centroids, dict) else num_centroids
+        c = kmeans(points, k, distance=distance, seed=seed)
+        blocks.append(c)
+        owners.append(torch.full((c.shape[0],), index, dtype=torch.int64))
+    return torch.cat(blocks), torch.cat(owners)

@@ -1,0 +1,441 @@
+"""`AriadneRoutedModel`: a backbone, its LoRA adapters and a router, behaving as one causal LM."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from . import bundle as bundle_io
+from .adapters import AdapterError, adapter_summary, check_adapter_dir, load_adapter, resolve_adapter_dir
+from .centroids import kmeans
+from .configuration_ariadne import AriadneConfig, validate_adapter_name
+from .constants import ADAPTER_WEIGHTS_NAME, BASE_ADAPTER
+from .embedding import embed_prompts, load_prompts
+from .generation import generate_batched, generate_grouped
+from .lora_dispatch import install_plan_hooks
+from .router import AriadneRouter, RoutingDecision, embedding_fingerprint
+
+_UNSET: Any = object()
+
+
+class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
+    """A causal LM that routes every prompt to one of its LoRA adapters (ARIADNE nearest-centroid routing).
+
+    Build one with `from_adapters`, load one with `from_pretrained` (or the Auto classes after
+    `import ariadne_hf`). `generate` and `forward` route each row themselves; `route` shows the decision.
+    Per-call state lives in the call (a context variable), so concurrent calls on one model are independent.
+    """
+
+    config_class = AriadneConfig
+    base_model_prefix = "ariadne"
+    main_input_name = "input_ids"
+    _keys_to_ignore_on_save = None
+
+    def __init__(self, config: AriadneConfig, peft_model: PeftModel | None = None, tokenizer=None):
+        super().__init__(config)
+        if peft_model is None:
+            raise ValueError(
+                "AriadneRoutedModel needs its backbone and adapters: build it with AriadneRoutedModel.from_adapters("
+                "...) or load a bundle with from_pretrained(path_or_repo_id); from_config() is not supported."
+            )
+        self.router = AriadneRouter(config.adapter_names, config.embedding_dim, config.distance)
+        self.peft_model = peft_model
+        self.tokenizer = tokenizer
+        backbone_generation = getattr(peft_model.get_base_model(), "generation_config", None)
+        if backbone_generation is not None:
+            self.generation_config = backbone_generation
+        install_plan_hooks(self.peft_model)
+        self.post_init()
+
+    # ---- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def from_adapters(
+        cls,
+        base_model: str | os.PathLike | PreTrainedModel,
+        adapters: Mapping[str, str | os.PathLike],
+        prompts: Mapping[str, Any],
+        *,
+        tokenizer=None,
+        num_centroids: int = 8,
+        distance: str = "cosine",
+        center: bool = True,
+        ignore_special_tokens: bool = True,
+        reject_threshold: float | None = None,
+        seed: int = 0,
+        max_length: int = 512,
+        batch_size: int = 64,
+        text_field: str = "text",
+        heldout_prompts: Mapping[str, Any] | None = None,
+        revision: str | None = None,
+        dtype: Any = None,
+        device_map: Any = None,
+        token: str | None = None,
+        progress: bool = True,
+        **config_kwargs: Any,
+    ) -> AriadneRoutedModel:
+        """Build a routed model from a backbone, PEFT LoRA adapters and a sample of each adapter's prompts.
+
+        Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
+        of token embeddings) and clustered into at most `num_centroids` centroids (seeded k-means++; spherical
+        for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice versa,
+        adapters must be LoRA folders with safetensors weights that fit the backbone.
+
+        `heldout_prompts` (same form as `prompts`) are routed once to measure selection accuracy; the result is
+        stored in the config (`routing_report`) and shown on the model card.
+        """
+        adapter_order = list(adapters)
+        for name in adapter_order:
+            validate_adapter_name(name)
+        missing_prompts = [n for n in adapter_order if n not in prompts]
+        if missing_prompts:
+            raise ValueError(
+                f"Adapter {missing_prompts[0]!r} has no prompts: pass prompts={{{missing_prompts[0]!r}: [...]}} with "
+                "a sample of the prompts it was trained on."
+            )
+        unknown = [n for n in prompts if n not in adapters]
+        if unknown:
+            raise ValueError(f"Prompts given for unknown adapter {unknown[0]!r}; adapters are {adapter_order}.")
+        if not adapter_order:
+            raise ValueError("from_adapters needs at least one adapter.")
+        prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in adapter_order}
+        hub_kwargs = {"token": token} if token else {}
+        adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **hub_kwargs) for n in adapter_order}
+        lora_configs = {n: check_adapter_dir(adapter_dirs[n], n) for n in adapter_order}
+
+        backbone, backbone_id, backbone_revision = _load_backbone_for_build(
+            base_model, revision=revision, dtype=dtype, device_map=device_map, token=token
+        )
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
+        peft_model: Any = backbone
+        for name in adapter_order:
+            peft_model = load_adapter(peft_model, adapter_dirs[name], name)
+
+        embed_weight = backbone.get_input_embeddings().weight.detach()  # [V, D]
+        config = AriadneConfig(
+            backbone_name_or_path=backbone_id,
+            backbone_revision=backbone_revision,
+            adapter_names=adapter_order,
+            embedding_dim=int(embed_weight.shape[1]),
+            embedding_vocab_size=int(embed_weight.shape[0]),
+            embedding_fingerprint=embedding_fingerprint(embed_weight),
+            num_centroids=num_centroids,
+            distance=distance,
+            center=center,
+            ignore_special_tokens=ignore_special_tokens,
+            reject_threshold=reject_threshold,
+            max_prompt_tokens=max_length,
+            **config_kwargs,
+        )
+        token_weights = special_token_weights(tokenizer, embed_weight.shape[0]) if ignore_special_tokens else None
+        embed = dict(tokenizer=tokenizer, embed_weight=embed_weight, token_weights=token_weights,
+                     max_length=max_length, batch_size=batch_size, progress=progress)
+        pooled = {n: embed_prompts(prompt_lists[n], desc=f"embedding {n}", **embed) for n in adapter_order}
+        center_vector = torch.cat(list(pooled.values())).mean(dim=0) if center else None  # [D]
+        blocks, owners = [], []
+        for index, name in enumerate(adapter_order):
+            points = pooled[name] if center_vector is None else pooled[name] - center_vector
+            centroids = kmeans(points, num_centroids, distance=distance, seed=seed)  # [k, D]
+            blocks.append(centroids)
+            owners.append(torch.full((centroids.shape[0],), index, dtype=torch.int64))
+            config.adapters[name] = adapter_summary(
+                lora_configs[name], os.path.join(adapter_dirs[name], ADAPTER_WEIGHTS_NAME),
+                len(prompt_lists[name]), centroids.shape[0],
+            )
+        model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
+        model.router.set_tables(torch.cat(blocks), torch.cat(owners), center_vector, token_weights)
+        model.router.to(embed_weight.device)
+        if heldout_prompts is not None:
+            model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
+        return model
+
+    def add_adapter(
+        self,
+        name: str,
+        adapter: str | os.PathLike,
+        prompts: Any,
+        *,
+        num_centroids: int | None = None,
+        seed: int = 0,
+        batch_size: int = 64,
+        text_field: str = "text",
+        progress: bool = True,
+    ) -> None:
+        """Add one adapter and compute only its own centroids; existing adapters and centroids are untouched.
+
+        The centering vector (if any) is kept as built: the new adapter's prompts are centered with it.
+        """
+        validate_adapter_name(name)
+        if name in self.config.adapter_names:
+            raise ValueError(f"Adapter {name!r} already exists; remove_adapter({name!r}) first to replace it.")
+        prompt_list = load_prompts(prompts, text_field=text_field, name=name)
+        path = resolve_adapter_dir(adapter, name)
+        lora_config = check_adapter_dir(path, name)
+        load_adapter(self.peft_model, path, name)
+        install_plan_hooks(self.peft_model)
+        embed_weight = self.get_input_embeddings().weight.detach()
+        points = embed_prompts(
+            prompt_list, self.tokenizer, embed_weight, token_weights=self.router.optional_token_weights(),
+            max_length=self.config.max_prompt_tokens, batch_size=batch_size, desc=f"embedding {name}",
+            progress=progress,
+        )
+        if self.router.optional_center() is not None:
+            points = points - self.router.center.cpu()
+        k = num_centroids or self.config.num_centroids
+        centroids = kmeans(points, k, distance=self.config.distance, seed=seed)
+        self.router.append_adapter(name, centroids)
+        self.config.adapter_names = list(self.router.adapter_names)
+        self.config.adapters[name] = adapter_summary(
+            lora_config, os.path.join(path, ADAPTER_WEIGHTS_NAME), len(prompt_list), centroids.shape[0]
+        )
+
+    def remove_adapter(self, name: str) -> None:
+        """Remove one adapter, its LoRA weights and its centroids; the other adapters are untouched."""
+        self._check_adapter_names([name])
+        if len(self.config.adapter_names) == 1:
+            raise ValueError(f"Cannot remove {name!r}: a routed model needs at least one adapter.")
+        self.router.drop_adapter(name)
+        self.peft_model.delete_adapter(name)
+        self.config.adapter_names = list(self.router.adapter_names)
+        self.config.adapters.pop(name, None)
+
+    # ---- loading and saving ------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
+        """Load a bundle (local folder or Hub repo id) and its backbone; see `bundle.load_bundle`.
+
+        Accepts the usual `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`
+        (or `torch_dtype`), `device_map` and `attn_implementation`; the last three reach the backbone.
+        """
+        return bundle_io.load_bundle(cls, pretrained_model_name_or_path, **kwargs)
+
+    def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
+                        **kwargs) -> None:
+        """Write the bundle: config, router safetensors, adapters/<name>/, tokenizer, generation config, card.
+
+        With `include_backbone=True` the backbone is stored under base/ and the bundle is self-contained.
+        """
+        if push_to_hub:
+            raise ValueError("Use model.push_to_hub(repo_id) to upload a bundle.")
+        bundle_io.write_bundle(self, save_directory, include_backbone=include_backbone)
+
+    def push_to_hub(self, repo_id: str, *, include_backbone: bool = False, **kwargs):
+        """Upload the whole bundle in one commit (see `hub.push_bundle` for the keyword arguments)."""
+        from .hub import push_bundle
+
+        return push_bundle(lambda d: self.save_pretrained(d, include_backbone=include_backbone), repo_id, **kwargs)
+
+    # ---- accessors ---------------------------------------------------------------------------------------
+    @property
+    def backbone(self) -> PreTrainedModel:
+        """The underlying transformers model (with PEFT's LoRA layers injected)."""
+        return self.peft_model.get_base_model()
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.config.adapter_names)
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.backbone.get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return self.backbone.get_output_embeddings()
+
+    # ---- routing ------------------------------------------------------------------------------------------
+    def route(
+        self,
+        prompts: str | list[str] | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        reject_threshold: float | None = _UNSET,
+        backend: str | None = None,
+    ) -> RoutingDecision:
+        """Route prompts (strings, tokenized with the bundle's tokenizer) or token ids [B, T] with mask [B, T].
+
+        Guarantees: one vectorised pass (pooled lookup + one matmul); left, right or no padding give identical
+        routes; rows with no routable token and rows whose best score is below the reject threshold go to
+        ``"__base__"``. Raises ValueError for malformed ids or ids outside the backbone's vocabulary.
+        """
+        if prompts is not None:
+            if input_ids is not None:
+                raise ValueError("route(): pass either prompts or input_ids, not both.")
+            input_ids, attention_mask = self._tokenize(prompts)
+        elif input_ids is None:
+            raise ValueError("route(): pass prompts (list of strings) or input_ids=[B, T].")
+        input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+        embed_weight = self.get_input_embeddings().weight.detach()
+        scores, best = self.router.score(
+            input_ids, attention_mask, embed_weight, backend=backend or self.config.kernel_backend
+        )
+        threshold = self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold
+        return self.router.decide(scores, best, threshold)
+
+    def _tokenize(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ValueError("This model has no tokenizer: pass input_ids= and attention_mask= instead of strings.")
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("route(): prompts must be a non-empty list of strings.")
+        batch = self.tokenizer(list(prompts), padding=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    def _check_adapter_names(self, names: list[str]) -> None:
+        known = set(self.config.adapter_names) | {BASE_ADAPTER}
+        unknown = [n for n in names if n not in known]
+        if unknown:
+            raise ValueError(
+                f"Unknown adapter name {unknown[0]!r}; this model has {self.config.adapter_names} "
+                f"(and {BASE_ADAPTER!r} for the plain backbone)."
+            )
+
+    def _decision_for_call(self, input_ids, attention_mask, adapter_names, reject_threshold) -> RoutingDecision:
+        if adapter_names is None:
+            return self.route(input_ids=input_ids, attention_mask=attention_mask, reject_threshold=reject_threshold)
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_adapter_names(names)
+        if len(names) != input_ids.shape[0]:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {input_ids.shape[0]} rows.")
+        validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+        order = self.config.adapter_names
+        indices = torch.tensor([order.index(n) if n in order else -1 for n in names], dtype=torch.int64)
+        empty = torch.zeros(len(names), len(order))
+        nan = torch.full((len(names),), float("nan"))
+        return RoutingDecision(names, indices, empty, nan, list(order), ["override"] * len(names))
+
+    # ---- inference ------------------------------------------------------------------------------------------
+    def forward(self, input_ids=None, attention_mask=None, *, adapter_names=None, reject_threshold=_UNSET,
+                **kwargs):
+        """Route each row, then run the backbone with each row's adapter; returns the backbone's output with
+        `.routes` (this call's RoutingDecision)."""
+        from .lora_dispatch import LoraPlan, use_plan
+
+        if input_ids is None:
+            raise ValueError("AriadneRoutedModel.forward needs input_ids (routing reads the token ids).")
+        decision = self._decision_for_call(input_ids, attention_mask, adapter_names, reject_threshold)
+        with use_plan(LoraPlan(tuple(decision.adapter_names))):
+            output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        if isinstance(output, ModelOutput):
+            output.routes = decision
+        return output
+
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.Tensor | None = None,
+        *,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        adapter_names: list[str] | str | None = None,
+        generation_strategy: str | None = None,
+        reject_threshold: float | None = _UNSET,
+        on_route: Callable[[RoutingDecision], None] | None = None,
+        **kwargs,
+    ):
+        """Route every row, then generate with each row's adapter; rows come back in input order.
+
+        Extra arguments: `adapter_names` overrides routing (one name per row, ``"__base__"`` allowed);
+        `generation_strategy` ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate
+        per adapter group); `reject_threshold` overrides the config; `on_route(decision)` is called with this
+        call's routes. With `return_dict_in_generate=True` the output has `.routes`. All other arguments go to
+        transformers' `generate` (greedy, sampling, beams, num_return_sequences, ...).
+        """
+        if input_ids is None:
+            input_ids = inputs
+        if kwargs.get("generation_config") is None:
+            kwargs.pop("generation_config", None)
+            self.backbone.generation_config = self.generation_config  # the bundle's config is the one in force
+        if input_ids is None:  # e.g. the pipeline's empty prompt: nothing to route
+            decision = RoutingDecision([BASE_ADAPTER], torch.tensor([-1]), torch.zeros(1, len(self.adapter_names)),
+                                       torch.tensor([float("nan")]), self.adapter_names, ["empty"])
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            decision = self._decision_for_call(input_ids, attention_mask, adapter_names, reject_threshold)
+        if on_route is not None:
+            on_route(decision)
+        strategy = generation_strategy or self.config.generation_strategy
+        if strategy == "batched":
+            output = generate_batched(self.backbone, decision, input_ids, attention_mask, kwargs)
+        elif strategy == "grouped":
+            output = generate_grouped(self.backbone, decision, input_ids, attention_mask, kwargs)
+        else:
+            raise ValueError(f"generation_strategy must be 'batched' or 'grouped', got {strategy!r}.")
+        if isinstance(output, ModelOutput):
+            output.routes = decision
+        return output
+
+    # ---- evaluation ----------------------------------------------------------------------------------------
+    def evaluate_heldout(self, prompts: Mapping[str, Any], *, text_field: str = "text", batch_size: int = 64) -> dict:
+        """Route held-out prompts of known adapters; store and return the routing report (selection accuracy)."""
+        from .evaluation import routing_report
+
+        texts, labels = [], []
+        for name, source in prompts.items():
+            self._check_adapter_names([name])
+            items = load_prompts(source, text_field=text_field, name=name)
+            texts += items
+            labels += [name] * len(items)
+        predicted = []
+        for start in range(0, len(texts), batch_size):
+            predicted += self.route(texts[start : start + batch_size]).adapter_names
+        report = routing_report(labels, predicted, self.adapter_names)
+        self.config.routing_report = report
+        for name, accuracy in report["accuracy"].items():
+            self.config.adapters[name]["heldout_accuracy"] = accuracy
+        return report
+
+
+def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Per-token-id pooling weights [V]: 1, and 0 for the tokenizer's special tokens (BOS, EOS, pad, chat markers)."""
+    weights = torch.ones(vocab_size, dtype=torch.float32)
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+    if special:
+        weights[torch.tensor(special)] = 0.0
+    return weights
+
+
+def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ids [B, T] (integer) and mask [B, T]; ids at unmasked positions must lie in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}."
+        )
+    if vocab_size is not None and input_ids.numel():
+        live = input_ids[attention_mask.bool()]
+        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
+            bad = int(live.max()) if int(live.max()) >= vocab_size else int(live.min())
+            raise ValueError(
+                f"Token id {bad} is outside the backbone's vocabulary [0, {vocab_size}); the ids were probably made "
+                "by another tokenizer. Tokenize with this bundle's tokenizer (model.tokenizer)."
+            )
+    return input_ids, attention_mask
+
+
+def _load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
+    """Return (backbone, id or path to record, pinned revision)."""
+    if isinstance(base_model, PreTrainedModel):
+        name = getattr(base_model.config, "_name_or_path", "") or getattr(base_model, "name_or_path", "")
+        backbone_id, pinned = bundle_io.pin_backbone(name, revision, token=token) if name else (None, None)
+        return base_model, backbone_id, pinned
+    if isinstance(base_model, PeftModel):
+        raise AdapterError("Pass the plain backbone (not a PeftModel); adapters go in adapters={...}.")
+    backbone_id, pinned = bundle_io.pin_backbone(os.fspath(base_model), revision, token=token)
+    load_kwargs = {"revision": pinned, "dtype": dtype, "device_map": device_map, "use_safetensors": True}
+    if token:
+        load_kwargs["token"] = token
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_id, **load_kwargs)
+    return backbone, backbone_id, pinned

@@ -1,0 +1,174 @@
+"""The router: centroid tables as buffers, scoring through the fused kernel, and routing decisions."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .constants import BASE_ADAPTER
+from .kernels import embed_pool_distance
+
+
+@dataclass
+class RoutingDecision:
+    """The routes of one call. Rows are in input order; nothing of it is kept on the model.
+
+    Attributes:
+        adapter_names: routed adapter per row; ``"__base__"`` for the plain backbone.
+        adapter_indices: int64 [B]; index into `adapter_order`, -1 for ``"__base__"``.
+        scores: float32 [B, A]; similarity of each row to each adapter (higher = closer; -inf for empty rows).
+        margins: float32 [B]; best minus second-best score (inf with one adapter, nan for empty rows).
+        adapter_order: column names of `scores`.
+        reasons: per row, why it went where it did: "nearest", "override", "empty", "below_threshold".
+    """
+
+    adapter_names: list[str]
+    adapter_indices: torch.Tensor
+    scores: torch.Tensor
+    margins: torch.Tensor
+    adapter_order: list[str]
+    reasons: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.adapter_names)
+
+    def to_dict(self) -> dict:
+        """JSON-serialisable form (for the CLI and logs)."""
+        return {
+            "adapter_names": list(self.adapter_names),
+            "reasons": list(self.reasons),
+            "margins": [float(m) for m in self.margins.tolist()],
+            "scores": [dict(zip(self.adapter_order, map(float, row), strict=True)) for row in self.scores.tolist()],
+        }
+
+
+def embedding_fingerprint(embed_weight: torch.Tensor, samples: int = 16) -> list[float]:
+    """Norms of `samples` evenly spaced rows of the embedding table [V, D]: a cheap identity check."""
+    rows = torch.linspace(0, embed_weight.shape[0] - 1, samples).round().long().to(embed_weight.device)
+    return [round(float(v), 6) for v in embed_weight[rows].float().norm(dim=-1).cpu().tolist()]
+
+
+def fingerprints_match(a: list[float], b: list[float], rtol: float = 2e-2) -> bool:
+    """True when two fingerprints agree within `rtol` (loose enough for fp16/bf16 copies of one table)."""
+    if len(a) != len(b):
+        return False
+    return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b, strict=True))
+
+
+class AriadneRouter(nn.Module):
+    """Holds the centroid tables and turns token ids into routes.
+
+    Buffers: `centroids` [K, D] fp32 (unit rows for cosine), `centroid_adapter` [K] int64, `center` [D] fp32 or
+    empty [0], `token_weights` [V] fp32 or empty [0]. Adapter a owns rows with centroid_adapter == a.
+    """
+
+    def __init__(self, adapter_names: list[str], embedding_dim: int, distance: str = "cosine"):
+        super().__init__()
+        self.adapter_names = list(adapter_names)
+        self.distance = distance
+        self.register_buffer("centroids", torch.zeros(0, embedding_dim), persistent=False)
+        self.register_buffer("centroid_adapter", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("center", torch.zeros(0), persistent=False)
+        self.register_buffer("token_weights", torch.zeros(0), persistent=False)
+
+    # ---- tables -------------------------------------------------------------------------------------------
+    def set_tables(
+        self,
+        centroids: torch.Tensor,
+        centroid_adapter: torch.Tensor,
+        center: torch.Tensor | None = None,
+        token_weights: torch.Tensor | None = None,
+    ) -> None:
+        """Replace all tables (validated: shapes agree, every adapter owns at least one centroid)."""
+        if centroids.ndim != 2 or centroid_adapter.shape != (centroids.shape[0],):
+            raise ValueError(
+                f"Router tables disagree: centroids {tuple(centroids.shape)} vs centroid_adapter "
+                f"{tuple(centroid_adapter.shape)} (expected [K, D] and [K])."
+            )
+        owners = torch.bincount(centroid_adapter.cpu(), minlength=len(self.adapter_names))
+        if owners.numel() != len(self.adapter_names) or bool((owners == 0).any()):
+            raise ValueError(
+                f"Router tables disagree with the adapter list {self.adapter_names}: centroid counts per adapter "
+                f"{owners.tolist()} (each adapter needs >= 1 centroid, indices < {len(self.adapter_names)})."
+            )
+        device = self.centroids.device
+        self.centroids = centroids.to(device=device, dtype=torch.float32).contiguous()
+        self.centroid_adapter = centroid_adapter.to(device=device, dtype=torch.int64).contiguous()
+        empty = torch.zeros(0, device=device)
+        self.center = empty if center is None else center.to(device=device, dtype=torch.float32).contiguous()
+        self.token_weights = (
+            empty if token_weights is None else token_weights.to(device=device, dtype=torch.float32).contiguous()
+        )
+
+    def append_adapter(self, name: str, centroids: torch.Tensor) -> None:
+        """Add one adapter's centroids [k, D] at the end; other adapters' rows are untouched."""
+        index = len(self.adapter_names)
+        self.adapter_names.append(name)
+        owner = torch.full((centroids.shape[0],), index, dtype=torch.int64, device=self.centroid_adapter.device)
+        self.centroids = torch.cat([self.centroids, centroids.to(self.centroids)])
+        self.centroid_adapter = torch.cat([self.centroid_adapter, owner])
+
+    def drop_adapter(self, name: str) -> None:
+        """Remove one adapter and its centroids; later adapters shift down by one index."""
+        index = self.adapter_names.index(name)
+        keep = self.centroid_adapter != index
+        shifted = self.centroid_adapter[keep]
+        self.centroids = self.centroids[keep]
+        self.centroid_adapter = torch.where(shifted > index, shifted - 1, shifted)
+        self.adapter_names.pop(index)
+
+    def optional_center(self) -> torch.Tensor | None:
+        return self.center if self.center.numel() else None
+
+    def optional_token_weights(self) -> torch.Tensor | None:
+        return self.token_weights if self.token_weights.numel() else None
+
+    # ---- routing ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        embed_weight: torch.Tensor,
+        *,
+        backend: str | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fused pass: ids [B, T] -> (scores [B, A] fp32, best [B] int64, -1 for rows with no tokens)."""
+        device = embed_weight.device
+        return embed_pool_distance(
+            input_ids.to(device),
+            attention_mask.to(device),
+            embed_weight,
+            self.centroids.to(device),
+            self.centroid_adapter.to(device),
+            len(self.adapter_names),
+            center=None if self.optional_center() is None else self.center.to(device),
+            token_weights=None if self.optional_token_weights() is None else self.token_weights.to(device),
+            distance=self.distance,
+            backend=backend,
+        )
+
+    def decide(
+        self, scores: torch.Tensor, best: torch.Tensor, reject_threshold: float | None = None
+    ) -> RoutingDecision:
+        """Turn scores into a decision: nearest adapter, or ``"__base__"`` for empty or below-threshold rows."""
+        scores = scores.float().cpu()
+        best = best.cpu()
+        best_score = scores.max(dim=-1).values if scores.shape[1] else torch.full((scores.shape[0],), float("-inf"))
+        if scores.shape[1] >= 2:
+            top2 = scores.topk(2, dim=-1).values  # [B, 2]
+            margins = top2[:, 0] - top2[:, 1]
+        else:
+            margins = torch.full((scores.shape[0],), float("inf"))
+        empty = best < 0
+        margins = torch.where(empty, torch.full_like(margins, float("nan")), margins)
+        indices = best.clone()
+        reasons = ["empty" if e else "nearest" for e in empty.tolist()]
+        if reject_threshold is not None:
+            low = (~empty) & (best_score < reject_threshold)
+            indices[low] = -1
+            reasons = ["below_threshold" if lo else r for lo, r in zip(low.tolist(), reasons, strict=True)]
+        names = [BASE_ADAPTER if i < 0 else self.adapter_names[i] for i in indices.tolist()]
+        return RoutingDecision(names, indices, scores, margins, list(self.adapter_names), reasons)
