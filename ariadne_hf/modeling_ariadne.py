@@ -53,6 +53,14 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         install_plan_hooks(self.peft_model)
         self.post_init()
 
+    def init_weights(self):
+        """No-op: the backbone and adapters arrive loaded, and the router is filled by its builder or loader.
+
+        (PreTrainedModel.post_init would otherwise re-initialise the freshly loaded LoRA weights.)"""
+
+    def _init_weights(self, module):
+        """No-op, see `init_weights`."""
+
     # ---- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_adapters(

@@ -25,3 +25,30 @@ def tiny_model(tiny_assets):
     return AriadneRoutedModel.from_adapters(
         tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"], num_centroids=4, progress=False
     )
+
+
+@pytest.fixture(scope="session")
+def peft_oracle(tiny_assets):
+    """An independent PEFT model with the same backbone and adapters (the reference the routed model must match)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets["backbone"])
+    names = list(tiny_assets["adapters"])
+    model = PeftModel.from_pretrained(base, tiny_assets["adapters"][names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(tiny_assets["adapters"][name], adapter_name=name)
+    return model.eval()
+
+
+@pytest.fixture()
+def mixed_batch(tiny_assets, tiny_model):
+    """Left-padded batch of prompts from every task (two per task) with their true adapters."""
+    prompts, labels = [], []
+    for name, items in tiny_assets["test"].items():
+        prompts += items[:2]
+        labels += [name, name]
+    tokenizer = tiny_model.tokenizer
+    tokenizer.padding_side = "left"
+    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    return prompts, labels, batch
