@@ -173,6 +173,7 @@ class HubServer:
         self.root = Path(root)
         self.mirrors = self.root / "mirrors"
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request the front received
+        self.fail_downloads: set[tuple[str, str]] = set()  # (repo_id, path): GET answers 403 (fault injection)
         self._repos: dict[Path, GitRepo] = {}
         self._repos_lock = threading.Lock()
         self._olah: subprocess.Popen | None = None
@@ -347,7 +348,7 @@ class FrontHandler(BaseHTTPRequestHandler):
         if seg[:3] == ["api", "repos", "create"] and method == "POST":
             return self._create_repo()
         if seg[:2] == ["api", "validate-yaml"] and method == "POST":
-            return self._send_json(200, {"errors": [], "warnings": []})
+            return self._validate_yaml()
         if len(seg) >= 4 and seg[0] == "api" and seg[1] in REPO_TYPES:
             return self._api_repo(seg[1], f"{seg[2]}/{seg[3]}", seg[4:], query)
         repo_type, rest = (seg[0], seg[1:]) if seg[0] in REPO_TYPES else ("models", seg)
@@ -357,6 +358,8 @@ class FrontHandler(BaseHTTPRequestHandler):
             sha = self._existing_revision(repo, revision)
             if repo.object_type(sha, path) != "blob":
                 raise HubError(404, "EntryNotFound", "Entry not found")
+            if method == "GET" and (repo_id, path) in self.hub.fail_downloads:
+                raise HubError(403, None, "Injected download failure (HubServer.fail_downloads)")
             return self._with_revision(revision, sha, query)
         return self.path
 
@@ -416,6 +419,20 @@ class FrontHandler(BaseHTTPRequestHandler):
     def _repo_url(self, repo_type: str, repo_id: str) -> str:
         prefix = "" if repo_type == "models" else f"{repo_type}/"
         return f"{self.hub.url}/{prefix}{repo_id}"
+
+    def _validate_yaml(self) -> None:
+        """Reject README front matter that is not a YAML mapping (the Hub validates more)."""
+        import yaml
+
+        content = json.loads(self.body or b"{}").get("content", "")
+        match = re.match(r"\A---\n(.*?)\n---", content, flags=re.S)
+        try:
+            data = yaml.safe_load(match.group(1)) if match else {}
+        except yaml.YAMLError as err:
+            return self._send_json(400, {"errors": [{"message": f"Invalid YAML: {err}"}], "warnings": []})
+        if data is not None and not isinstance(data, dict):
+            return self._send_json(400, {"errors": [{"message": "Metadata must be a mapping"}], "warnings": []})
+        return self._send_json(200, {"errors": [], "warnings": []})
 
     def _create_branch(self, repo: GitRepo, branch: str) -> None:
         if repo.resolve(f"refs/heads/{branch}") is not None:
@@ -500,3 +517,37 @@ class FrontHandler(BaseHTTPRequestHandler):
                 self.wfile.write(data)
         finally:
             conn.close()
+
+
+def use_hub(monkeypatch, endpoint: str, hf_home: str | os.PathLike) -> None:
+    """Point huggingface_hub (and transformers, which reads it at call time) at `endpoint` with an empty HF_HOME.
+
+    huggingface_hub reads HF_ENDPOINT / HF_HOME once, at import, into `huggingface_hub.constants`; every later
+    call (HfApi, hf_hub_download, snapshot_download, transformers' cached_file) reads those module attributes at
+    call time, so patching them works even after the import. The environment variables are set too, for child
+    processes. No token is read (HF_TOKEN unset, token paths inside the temporary HF_HOME) and offline mode is
+    off (tests/conftest.py turns it on for the other tests).
+    """
+    from huggingface_hub import constants
+
+    hf_home = str(hf_home)
+    hub_cache = os.path.join(hf_home, "hub")
+    for name, value in {"HF_ENDPOINT": endpoint, "HF_HOME": hf_home, "HF_HUB_CACHE": hub_cache,
+                        "HF_HUB_OFFLINE": "0", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "TRANSFORMERS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    patches = {
+        "ENDPOINT": endpoint,
+        "HUGGINGFACE_CO_URL_TEMPLATE": endpoint + "/{repo_id}/resolve/{revision}/{filename}",
+        "HF_HOME": hf_home,
+        "HF_HUB_CACHE": hub_cache,
+        "HF_ASSETS_CACHE": os.path.join(hf_home, "assets"),
+        "HF_XET_CACHE": os.path.join(hf_home, "xet"),
+        "HF_TOKEN_PATH": os.path.join(hf_home, "token"),
+        "HF_STORED_TOKENS_PATH": os.path.join(hf_home, "stored_tokens"),
+        "HF_HUB_OFFLINE": False,
+        "HF_HUB_DISABLE_TELEMETRY": True,
+    }
+    for name, value in patches.items():
+        monkeypatch.setattr(constants, name, value)
