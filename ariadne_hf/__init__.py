@@ -6,10 +6,10 @@ bundle loads with `AutoModelForCausalLM.from_pretrained(path_or_repo)` and works
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
+from .adapters import AdapterError
 from .bundle import BundleError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
-from .adapters import AdapterError
 from .modeling_ariadne import AriadneRoutedModel
 from .router import RoutingDecision
 

@@ -139,7 +139,7 @@ def adapter_summary(config: LoraConfig, weights_path: str, num_prompts: int, num
 def save_adapter(peft_model: PeftModel, name: str, directory: str, base_model_name_or_path: str | None) -> str:
     """Write adapter `name` as a PEFT folder (adapter_config.json + adapter_model.safetensors); returns the weights path."""
     os.makedirs(directory, exist_ok=True)
-    state = get_peft_model_state_dict(peft_model, adapter_name=name)
+    state = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
     save_file(state, weights_path, metadata={"format": "pt"})

@@ -1,4 +1,4 @@
-"""Seeded k-means++ / spherical k-means in torch, and per-adapter centroid building."""
+"""Seeded k-means++ / spherical k-means in torch (each adapter is clustered on its own)."""
 
 from __future__ import annotations
 
@@ -75,30 +75,3 @@ def kmeans(
         if distance == "cosine":
             centers = F.normalize(centers, dim=-1)
     return centers
-
-
-def build_router_tables(
-    embeddings: dict[str, torch.Tensor],
-    adapter_order: list[str],
-    num_centroids: int | dict[str, int],
-    *,
-    distance: str = "cosine",
-    center: torch.Tensor | None = None,
-    seed: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centroids of each adapter's prompt embeddings, concatenated in `adapter_order`.
-
-    `embeddings[name]` is [N_a, D] (pooled prompt embeddings, before centering). Returns
-    (centroids [K, D] fp32, centroid_adapter [K] int64 with values in [0, len(adapter_order))).
-    Each adapter is clustered independently, so adding one adapter never changes another's centroids.
-    """
-    blocks, owners = [], []
-    for index, name in enumerate(adapter_order):
-        points = embeddings[name].to(torch.float32)
-        if center is not None:
-            points = points - center.to(torch.float32)
-        k = num_centroids[name] if isinstance(num_centroids, dict) else num_centroids
-        c = kmeans(points, k, distance=distance, seed=seed)
-        blocks.append(c)
-        owners.append(torch.full((c.shape[0],), index, dtype=torch.int64))
-    return torch.cat(blocks), torch.cat(owners)

@@ -1,0 +1,168 @@
+"""The `ariadne` command. Thin: every subcommand parses arguments and calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _pairs(values: list[str], what: str) -> dict[str, str]:
+    result = {}
+    for value in values or []:
+        name, sep, target = value.partition("=")
+        if not sep or not name or not target:
+            raise SystemExit(f"ariadne: {what} must be given as NAME=PATH, got {value!r}.")
+        if name in result:
+            raise SystemExit(f"ariadne: {what} {name!r} is given twice.")
+        result[name] = target
+    return result
+
+
+def cmd_build(args) -> int:
+    from .modeling_ariadne import AriadneRoutedModel
+
+    adapters = _pairs(args.adapter, "--adapter")
+    prompts = _pairs(args.prompts, "--prompts")
+    heldout = _pairs(args.heldout, "--heldout") or None
+    model = AriadneRoutedModel.from_adapters(
+        args.backbone, adapters, prompts, num_centroids=args.num_centroids, distance=args.distance,
+        center=not args.no_center, seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
+        text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
+        reject_threshold=args.reject_threshold,
+    )
+    model.save_pretrained(args.out, include_backbone=args.include_backbone)
+    print(f"Wrote bundle {args.out}: {len(adapters)} adapters, {model.router.centroids.shape[0]} centroids.")
+    report = model.config.routing_report
+    if report:
+        print(f"Held-out selection accuracy: macro {report['macro_accuracy']:.1%}, micro {report['micro_accuracy']:.1%}")
+    return 0
+
+
+def _load(bundle: str, args):
+    from .modeling_ariadne import AriadneRoutedModel
+
+    kwargs = {"revision": args.revision} if getattr(args, "revision", None) else {}
+    return AriadneRoutedModel.from_pretrained(bundle, **kwargs)
+
+
+def cmd_route(args) -> int:
+    model = _load(args.bundle, args)
+    decision = model.route(args.prompts)
+    if args.json:
+        print(json.dumps({"prompts": args.prompts, **decision.to_dict()}, indent=2))
+        return 0
+    for prompt, name, scores, margin in zip(args.prompts, decision.adapter_names, decision.scores.tolist(),
+                                            decision.margins.tolist(), strict=True):
+        ranked = sorted(zip(decision.adapter_order, scores, strict=True), key=lambda x: -x[1])[:3]
+        shown = ", ".join(f"{n} {s:.3f}" for n, s in ranked)
+        print(f"{name:<20} margin {margin:.3f}  [{shown}]  {prompt[:60]!r}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    model = _load(args.bundle, args)
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    texts = args.prompts
+    if args.chat and tokenizer.chat_template:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in texts]
+    batch = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not args.chat)
+    out = model.generate(**batch, max_new_tokens=args.max_new_tokens, do_sample=False,
+                         return_dict_in_generate=True, generation_strategy=args.strategy)
+    width = batch["input_ids"].shape[1]
+    for prompt, name, sequence in zip(args.prompts, out.routes.adapter_names, out.sequences, strict=True):
+        text = tokenizer.decode(sequence[width:], skip_special_tokens=True)
+        print(f"[{name}] {prompt}\n  -> {text.strip()}")
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .bundle import _resolve_directory, read_bundle
+
+    directory = _resolve_directory(args.bundle, {"revision": args.revision} if args.revision else {})
+    config, router = read_bundle(directory)
+    info = {
+        "bundle": directory,
+        "backbone": config.backbone_name_or_path,
+        "backbone_revision": config.backbone_revision,
+        "embedding": [config.embedding_vocab_size, config.embedding_dim],
+        "distance": config.distance,
+        "center": config.center,
+        "routing": config.routing,
+        "centroids": int(router["router.centroids"].shape[0]),
+        "adapters": config.adapters,
+    }
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"bundle     {directory}\nbackbone   {info['backbone']} @ {info['backbone_revision']}")
+    print(f"embedding  V={info['embedding'][0]} D={info['embedding'][1]}; distance {config.distance}; "
+          f"center {config.center}; routing {config.routing}; {info['centroids']} centroids")
+    for name in config.adapter_names:
+        meta = config.adapters.get(name, {})
+        accuracy = meta.get("heldout_accuracy")
+        shown = "" if accuracy is None else f"  held-out accuracy {accuracy:.1%}"
+        print(f"  {name:<24} rank {meta.get('rank')}  targets {meta.get('target_modules')}  prompts "
+              f"{meta.get('num_prompts')}  centroids {meta.get('num_centroids')}{shown}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ariadne", description="Routed LoRA bundles for transformers/PEFT.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    build = sub.add_parser("build", help="build a bundle from a backbone, adapters and their prompts")
+    build.add_argument("--backbone", required=True, help="Hub id or local folder of the backbone")
+    build.add_argument("--adapter", action="append", required=True, metavar="NAME=PATH", help="PEFT adapter")
+    build.add_argument("--prompts", action="append", required=True, metavar="NAME=FILE",
+                       help="prompts of an adapter (.jsonl with a text field, or .txt)")
+    build.add_argument("--heldout", action="append", metavar="NAME=FILE", help="held-out prompts (for the card)")
+    build.add_argument("--out", required=True, help="bundle folder to write")
+    build.add_argument("--num-centroids", type=int, default=8)
+    build.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
+    build.add_argument("--no-center", action="store_true", help="do not subtract the mean prompt embedding")
+    build.add_argument("--reject-threshold", type=float, default=None)
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--max-length", type=int, default=512)
+    build.add_argument("--batch-size", type=int, default=64)
+    build.add_argument("--text-field", default="text")
+    build.add_argument("--revision", default=None, help="backbone revision to pin")
+    build.add_argument("--include-backbone", action="store_true", help="store the backbone in base/")
+    build.set_defaults(func=cmd_build)
+
+    for name, func, helptext in (("route", cmd_route, "show where prompts are routed"),
+                                 ("generate", cmd_generate, "generate with routed adapters")):
+        command = sub.add_parser(name, help=helptext)
+        command.add_argument("bundle")
+        command.add_argument("prompts", nargs="+")
+        command.add_argument("--revision", default=None)
+        command.set_defaults(func=func)
+        if name == "route":
+            command.add_argument("--json", action="store_true")
+        else:
+            command.add_argument("--max-new-tokens", type=int, default=32)
+            command.add_argument("--strategy", choices=["batched", "grouped"], default=None)
+            command.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
+
+    info = sub.add_parser("info", help="describe a bundle without loading the backbone")
+    info.add_argument("bundle")
+    info.add_argument("--revision", default=None)
+    info.add_argument("--json", action="store_true")
+    info.set_defaults(func=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as err:
+        print(f"ariadne {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

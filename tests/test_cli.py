@@ -1,0 +1,49 @@
+"""The `ariadne` command: build, route, generate, info (each calls the library)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from ariadne_hf.cli import main
+
+
+@pytest.fixture(scope="module")
+def cli_bundle(tiny_assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    args = ["build", "--backbone", tiny_assets["backbone"], "--out", str(root / "bundle"), "--num-centroids", "3"]
+    for name, path in tiny_assets["adapters"].items():
+        prompt_file = root / f"{name}.jsonl"
+        prompt_file.write_text("".join(json.dumps({"text": p}) + "\n" for p in tiny_assets["train"][name]))
+        heldout = root / f"{name}.txt"
+        heldout.write_text("\n".join(tiny_assets["test"][name]))
+        args += ["--adapter", f"{name}={path}", "--prompts", f"{name}={prompt_file}", "--heldout", f"{name}={heldout}"]
+    assert main(args) == 0
+    return str(root / "bundle")
+
+
+def test_build_info_route_generate(cli_bundle, capsys):
+    capsys.readouterr()
+    assert main(["info", cli_bundle, "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert set(info["adapters"]) == {"math", "poetry", "code"} and info["centroids"] == 9
+    assert info["adapters"]["math"]["heldout_accuracy"] >= 0.75
+    assert main(["route", cli_bundle, "add seven plus three", "a sonnet about the moon", "--json"]) == 0
+    routed = json.loads(capsys.readouterr().out)
+    assert routed["adapter_names"] == ["math", "poetry"]
+    assert set(routed["scores"][0]) == {"math", "poetry", "code"}
+    assert main(["generate", cli_bundle, "python function return", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("[code] python function return")
+
+
+def test_cli_errors_are_clear(cli_bundle, capsys, tmp_path):
+    assert main(["route", str(tmp_path), "x"]) == 2
+    assert "not an ariadne bundle" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="NAME=PATH"):
+        main(["build", "--backbone", "x", "--adapter", "oops", "--prompts", "a=b", "--out", str(tmp_path / "o")])
+
+
+def test_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "ariadne_hf.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "build" in result.stdout
