@@ -1,8 +1,104 @@
-"""Kernel dispatch. Public entry points: `embed_pool_distance`."""
+"""Kernel dispatch. Public entry points: `embed_pool_distance`, `incremental_pool_distance`, `mixture_lora`.
+
+Backend choice, first match wins:
+
+1. the explicit ``backend=`` argument (``"torch"`` or ``"triton"``; ``None`` = not explicit);
+2. the environment variable ``ARIADNE_KERNEL`` (``"torch"``, ``"triton"``; ``"auto"`` or empty = not set);
+3. auto: ``"triton"`` for CUDA tensors when triton is importable, ``"torch"`` otherwise.
+
+An explicitly requested backend (1 or 2) that cannot run raises ``RuntimeError`` saying why (triton not
+installed; CPU tensors without ``TRITON_INTERPRET=1`` set before triton is imported). ``backend="triton"``
+on CPU tensors runs the kernels in Triton's interpreter (slow; for tests). Triton is an optional extra:
+it is imported only when the triton backend is chosen. The chosen path is logged once per
+(operation, backend, device type) at INFO level on the ``ariadne_hf.kernels`` logger.
+
+The Triton modules share their names with the public functions: import them as
+``from ariadne_hf.kernels.embed_pool_distance import embed_pool_distance_triton`` (the package attribute
+``ariadne_hf.kernels.embed_pool_distance`` always stays the dispatcher function).
+"""
 
 from __future__ import annotations
 
-from .reference import embed_pool_distance_ref
+import functools
+import importlib.util
+import logging
+import os
+import sys
+import types
+
+import torch
+
+from ..constants import ENV_KERNEL
+from .reference import (
+    centroid_scores_ref,
+    dense_to_topk,
+    embed_pool_distance_ref,
+    incremental_pool_distance_ref,
+    mixture_lora_ref,
+    pool_embeddings_ref,
+)
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("torch", "triton")
+_logged: set[tuple[str, str, str]] = set()
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether ``triton`` can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_requested() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _requested_backend(backend: str | None) -> tuple[str | None, str]:
+    """(backend or None for auto, where it came from)."""
+    if backend is not None:
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
+        return backend, "argument"
+    env = os.environ.get(ENV_KERNEL, "").strip().lower()
+    if env in ("", "auto"):
+        return None, "auto"
+    if env not in BACKENDS:
+        raise ValueError(f"{ENV_KERNEL} must be one of {BACKENDS} or 'auto', got {env!r}")
+    return env, f"env {ENV_KERNEL}"
+
+
+def resolve_backend(device: torch.device, backend: str | None = None, *, op: str = "kernel") -> str:
+    """Return ``"torch"`` or ``"triton"`` for tensors on ``device`` (rules in the module docstring).
+
+    Raises ``RuntimeError`` when an explicitly requested backend cannot run, ``ValueError`` for an
+    unknown backend name.
+    """
+    device = torch.device(device)
+    chosen, source = _requested_backend(backend)
+    if chosen is None:
+        chosen = "triton" if device.type == "cuda" and triton_available() else "torch"
+    elif chosen == "triton":
+        if not triton_available():
+            raise RuntimeError(
+                f"{op}: backend 'triton' requested ({source}) but triton is not installed: "
+                "pip install 'ariadne_hf[triton]', or use backend='torch'"
+            )
+        if device.type == "cpu" and not _interpreter_requested():
+            raise RuntimeError(
+                f"{op}: backend 'triton' requested ({source}) for CPU tensors, which needs Triton's interpreter: "
+                "set TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'"
+            )
+    key = (op, chosen, device.type)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("ariadne_hf.kernels: %s runs on the %s backend (%s, %s tensors)", op, chosen, source, device.type)
+    return chosen
+
+
+def _triton_module(name: str):
+    """Import ``ariadne_hf.kernels.<name>`` (which imports triton) on first use."""
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 def embed_pool_distance(
@@ -19,11 +115,93 @@ def embed_pool_distance(
     backend=None,
     return_pooled=False,
 ):
-    """Route rows to adapters: see `reference.embed_pool_distance_ref` for the exact semantics."""
-    return embed_pool_distance_ref(
-        input_ids, attention_mask, embed_weight, centroids, centroid_adapter, num_adapters,
-        center=center, token_weights=token_weights, distance=distance, return_pooled=return_pooled,
-    )
+    """Route rows to adapters: scores[b, a] = max_k sim(mean_t w E[ids[b,t]] - center, C[k]) over adapter a's centroids.
+
+    ``input_ids`` [B, T] int32/int64, ``attention_mask`` [B, T], ``embed_weight`` [V, D] fp32/fp16/bf16 (read
+    in place), ``centroids`` [K, D], ``centroid_adapter`` [K] int in [0, A), ``num_adapters`` A,
+    ``center`` [D] optional, ``token_weights`` [V] optional, ``distance`` "cosine" | "l2".
+    Returns (scores [B, A] fp32, higher = closer; best [B] int64, -1 for a row without weighted tokens)
+    and, with ``return_pooled``, pooled [B, D] fp32 (un-centered). Exact rules:
+    ``reference.embed_pool_distance_ref``. ``backend``: None | "torch" | "triton" (module docstring).
+    """
+    kwargs = dict(center=center, token_weights=token_weights, distance=distance, return_pooled=return_pooled)
+    args = (input_ids, attention_mask, embed_weight, centroids, centroid_adapter, num_adapters)
+    if resolve_backend(embed_weight.device, backend, op="embed_pool_distance") == "triton":
+        return _triton_module("embed_pool_distance").embed_pool_distance_triton(*args, **kwargs)
+    return embed_pool_distance_ref(*args, **kwargs)
 
 
-__all__ = ["embed_pool_distance", "embed_pool_distance_ref"]
+def incremental_pool_distance(
+    new_ids,
+    running_sum,
+    running_weight,
+    embed_weight,
+    centroids,
+    centroid_adapter,
+    num_adapters,
+    *,
+    new_mask=None,
+    center=None,
+    token_weights=None,
+    distance="cosine",
+    backend=None,
+):
+    """Token-level routing step: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (IN PLACE); score S[b]/W[b].
+
+    ``new_ids`` [B] int32/int64, ``running_sum`` [B, D] fp32, ``running_weight`` [B] fp32 (both updated in
+    place; start from zeros), ``new_mask`` [B] optional (0 = this row takes no token this step),
+    ``token_weights`` [V] optional. O(D) per row for the update. Returns (scores [B, A] fp32, best [B]
+    int64) exactly as ``embed_pool_distance`` would for the whole context so far (up to fp32 summation
+    order). Exact rules: ``reference.incremental_pool_distance_ref``; backend rules as above.
+    """
+    kwargs = dict(new_mask=new_mask, center=center, token_weights=token_weights, distance=distance)
+    args = (new_ids, running_sum, running_weight, embed_weight, centroids, centroid_adapter, num_adapters)
+    if resolve_backend(embed_weight.device, backend, op="incremental_pool_distance") == "triton":
+        return _triton_module("embed_pool_distance").incremental_pool_distance_triton(*args, **kwargs)
+    return incremental_pool_distance_ref(*args, **kwargs)
+
+
+def mixture_lora(x, lora_A, lora_B, scaling, topk_indices, topk_weights, *, backend=None):
+    """Weighted multi-LoRA delta: delta[n] = sum_j w[n,j] * scaling[i] * B_i (A_i x[n]), i = idx[n,j] (-1 = none).
+
+    ``x`` [N, IN], ``lora_A`` [A, R, IN], ``lora_B`` [A, OUT, R], ``scaling`` [A], ``topk_indices`` [N, k]
+    int64, ``topk_weights`` [N, k]. Returns delta [N, OUT] in x's dtype, fp32 accumulation. Exact rules:
+    ``reference.mixture_lora_ref``; backend rules as above.
+    """
+    args = (x, lora_A, lora_B, scaling, topk_indices, topk_weights)
+    if resolve_backend(x.device, backend, op="mixture_lora") == "triton":
+        return _triton_module("mixture_lora").mixture_lora_triton(*args)
+    return mixture_lora_ref(*args)
+
+
+class _KernelsPackage(types.ModuleType):
+    """Keeps the public functions as package attributes when their same-named submodules get imported.
+
+    ``kernels/embed_pool_distance.py`` and ``kernels/mixture_lora.py`` share their names with the public
+    dispatchers; importing a submodule would otherwise rebind ``ariadne_hf.kernels.embed_pool_distance``
+    to the module. Reach the modules with ``from ariadne_hf.kernels.embed_pool_distance import ...``.
+    """
+
+    def __setattr__(self, name, value):
+        current = self.__dict__.get(name)
+        if isinstance(value, types.ModuleType) and callable(current) and not isinstance(current, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _KernelsPackage
+
+__all__ = [
+    "BACKENDS",
+    "centroid_scores_ref",
+    "dense_to_topk",
+    "embed_pool_distance",
+    "embed_pool_distance_ref",
+    "incremental_pool_distance",
+    "incremental_pool_distance_ref",
+    "mixture_lora",
+    "mixture_lora_ref",
+    "pool_embeddings_ref",
+    "resolve_backend",
+    "triton_available",
+]

@@ -1,0 +1,474 @@
+"""Fused Triton routing kernels: embedding gather -> masked (weighted) mean -> distances -> per-adapter max.
+
+Importing this module imports triton; the dispatcher in ``ariadne_hf.kernels`` imports it lazily.
+``TRITON_INTERPRET=1`` must be set before this module is first imported for the kernels to run on CPU
+tensors (Triton's interpreter); ``INTERPRETED`` records what was in effect.
+
+Design (one launch, two phases, work claimed by ticket)
+--------------------------------------------------------
+Every program first takes a ticket with ``atomic_add(sync[0], 1)``. Tickets ``< n_pool`` are *pooling*
+items, the others *scoring* items:
+
+* pooling item ``(b, d-tile)``: loops over T tiles, gathers ``E[ids[b, t], d-tile]`` (upcast to fp32 right
+  after the load), accumulates the weighted sum and the weight sum, stores the mean into ``pooled``
+  [B, D] fp32 (the ``return_pooled`` output, un-centered). The ``d-tile == 0`` item also stores
+  ``wsum[b]``, fills ``scores[b, :]`` with -inf and ``best[b]`` with -1. It then increments
+  ``sync[1]`` (release).
+* scoring item ``(row-block of BLOCK_B rows, k-tile of BLOCK_K centroids)``: waits until ``sync[1]``
+  reaches ``n_pool`` (acquire), loops over D tiles accumulating ``x . c`` with ``tl.dot`` (ieee fp32),
+  ``|x|^2`` and ``|c|^2`` (centering applied on the fly), turns them into cosine / negated L2, and
+  scatters the tile into the per-adapter maximum with ``atomic_max(scores[b, c2a[k]], sim)``. It then
+  increments the row-block counter ``sync[2 + rb]``; the program that arrives last for a row block
+  (``n_k_tiles - 1`` before it) computes ``best`` = first argmax over A for those rows (the second tiny
+  reduction, O(BLOCK_B * A), inside the same launch).
+
+Why tickets: a scoring program only waits for pooling tickets, and a ticket is only taken by a program
+that is already running; pooling programs never wait. So the wait always ends on a GPU whatever the
+scheduling order, and in the sequential interpreter tickets equal program ids (pooling runs first).
+Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items and the centroid table is read
+``cdiv(B, BLOCK_B)`` times (once for B <= 16), tiled for ``tl.dot``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import (
+    check_centroid_adapter_range,
+    check_incremental_args,
+    check_routing_args,
+    check_token_ids_in_range,
+)
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+"""Whether the kernels below were created for Triton's interpreter (CPU tensors)."""
+
+GPU_BLOCKS = {"BLOCK_T": 32, "BLOCK_DP": 128, "BLOCK_B": 16, "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_A": 256}
+"""Default block sizes on a GPU (powers of two >= 16; registers per tile <= 4096 fp32)."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Device helpers
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _init_row_outputs(b, scores_ptr, best_ptr, A, BLOCK_A: tl.constexpr):
+    """scores[b, :] = -inf; best[b] = -1."""
+    b64 = b.to(tl.int64)
+    for a0 in range(0, A, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)  # [BA]
+        tl.store(scores_ptr + b64 * A + offs_a, tl.full([BLOCK_A], float("-inf"), tl.float32), mask=offs_a < A)
+    tl.store(best_ptr + b64, -1)
+
+
+@triton.jit
+def _signal_pooled(sync_ptr):
+    """Publish this program's pooling stores: barrier, then release-increment of sync[1]."""
+    tl.debug_barrier()
+    tl.atomic_add(sync_ptr + 1, 1, sem="release")
+
+
+@triton.jit
+def _wait_pooled(sync_ptr, n_pool):
+    """Spin until every pooling item has signalled (acquire)."""
+    done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+    while done < n_pool:
+        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+    tl.debug_barrier()
+
+
+@triton.jit
+def _pool_tile(
+    b, dt, ids_ptr, mask_ptr, emb_ptr, tokw_ptr, pooled_ptr, wsum_ptr,
+    T, D, stride_ib, stride_it, stride_mb, stride_mt, stride_ev,
+    HAS_TOKW: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_DP: tl.constexpr,
+):
+    """pooled[b, d-tile] = sum_t w E[ids[b,t], d-tile] / sum_t w (0 if the sum is 0); dt == 0 stores wsum[b]."""
+    b64 = b.to(tl.int64)
+    offs_d = dt * BLOCK_DP + tl.arange(0, BLOCK_DP)  # [BDP]
+    d_ok = offs_d < D
+    acc = tl.zeros([BLOCK_DP], dtype=tl.float32)  # [BDP]
+    wacc = tl.zeros([BLOCK_T], dtype=tl.float32)  # [BT]
+    for t0 in range(0, T, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)  # [BT]
+        t_ok = offs_t < T
+        m = tl.load(mask_ptr + b64 * stride_mb + offs_t * stride_mt, mask=t_ok, other=0)
+        keep = t_ok & (m != 0)
+        ids = tl.load(ids_ptr + b64 * stride_ib + offs_t * stride_it, mask=keep, other=0).to(tl.int64)  # [BT]
+        w = keep.to(tl.float32)  # [BT]
+        if HAS_TOKW:
+            w = w * tl.load(tokw_ptr + ids, mask=keep, other=0.0).to(tl.float32)
+        live = w != 0.0
+        e_ptrs = emb_ptr + ids[:, None] * stride_ev + offs_d[None, :]  # [BT, BDP]
+        e = tl.load(e_ptrs, mask=live[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(e * w[:, None], axis=0)
+        wacc += w
+    wsum = tl.sum(wacc, axis=0)
+    denom = tl.where(wsum != 0.0, wsum, 1.0)
+    pooled = tl.where(wsum != 0.0, acc / denom, 0.0)  # [BDP]
+    tl.store(pooled_ptr + b64 * D + offs_d, pooled, mask=d_ok)
+    if dt == 0:
+        tl.store(wsum_ptr + b64, wsum)
+
+
+@triton.jit
+def _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
+    """best[b] = first argmax_a scores[b, a] for the rows of block rb; -1 when every score is -inf."""
+    rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    run_max = tl.full([BLOCK_B], float("-inf"), tl.float32)  # [BB]
+    run_arg = tl.full([BLOCK_B], -1, tl.int64)  # [BB]
+    for a0 in range(0, A, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)  # [BA]
+        ok = row_ok[:, None] & (offs_a < A)[None, :]
+        s = tl.load(scores_ptr + rows64[:, None] * A + offs_a[None, :], mask=ok, other=float("-inf"),
+                    volatile=True)  # [BB, BA]
+        tile_max = tl.max(s, axis=1)  # [BB]
+        tile_arg = tl.min(tl.where(s == tile_max[:, None], offs_a[None, :], A), axis=1)  # [BB]
+        better = tile_max > run_max  # strict: an earlier tile keeps a tie
+        run_arg = tl.where(better, tile_arg.to(tl.int64), run_arg)
+        run_max = tl.where(better, tile_max, run_max)
+    tl.store(best_ptr + rows64, run_arg, mask=row_ok)
+
+
+@triton.jit
+def _score_tile(
+    item, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr,
+    B, D, K, A, stride_ck,
+    HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """atomic_max(scores[b, c2a[k]], sim(pooled[b] - center, C[k])) over a BLOCK_B x BLOCK_K tile; last one finalizes best."""
+    n_kt = tl.cdiv(K, BLOCK_K)
+    rb = item // n_kt
+    kt = item % n_kt
+    rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    ks = kt * BLOCK_K + tl.arange(0, BLOCK_K)  # [BK]
+    k_ok = ks < K
+    ks64 = ks.to(tl.int64)
+    dots = tl.zeros([BLOCK_B, BLOCK_K], dtype=tl.float32)  # [BB, BK]
+    x_sq = tl.zeros([BLOCK_B], dtype=tl.float32)  # [BB]
+    c_sq = tl.zeros([BLOCK_K], dtype=tl.float32)  # [BK]
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
+        d_ok = offs_d < D
+        x_ok = row_ok[:, None] & d_ok[None, :]
+        x = tl.load(pooled_ptr + rows64[:, None] * D + offs_d[None, :], mask=x_ok, other=0.0,
+                    volatile=True)  # [BB, BD]
+        if HAS_CENTER:
+            cen = tl.load(center_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)  # [BD]
+            x = tl.where(x_ok, x - cen[None, :], 0.0)
+        c = tl.load(cent_ptr + ks64[:, None] * stride_ck + offs_d[None, :],
+                    mask=k_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)  # [BK, BD]
+        dots += tl.dot(x, tl.trans(c), input_precision="ieee")
+        x_sq += tl.sum(x * x, axis=1)
+        c_sq += tl.sum(c * c, axis=1)
+    if IS_COSINE:
+        x_norm = tl.maximum(tl.sqrt_rn(x_sq), 1e-12)  # [BB]
+        c_norm = tl.maximum(tl.sqrt_rn(c_sq), 1e-12)  # [BK]
+        sim = dots / (x_norm[:, None] * c_norm[None, :])  # [BB, BK]
+    else:
+        sim = -tl.sqrt_rn(tl.maximum(x_sq[:, None] - 2.0 * dots + c_sq[None, :], 0.0))  # [BB, BK]
+    wsum = tl.load(wsum_ptr + rows64, mask=row_ok, other=0.0, volatile=True)  # [BB]
+    live = row_ok & (wsum != 0.0)
+    adapter = tl.load(c2a_ptr + ks64, mask=k_ok, other=0).to(tl.int64)  # [BK]
+    tl.atomic_max(scores_ptr + rows64[:, None] * A + adapter[None, :], sim, mask=live[:, None] & k_ok[None, :])
+    tl.debug_barrier()
+    arrived = tl.atomic_add(sync_ptr + 2 + rb, 1, sem="acq_rel")
+    if arrived == n_kt - 1:
+        _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B, BLOCK_A)
+
+
+# --------------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _embed_pool_distance_kernel(
+    ids_ptr, mask_ptr, emb_ptr, tokw_ptr, center_ptr, cent_ptr, c2a_ptr,
+    pooled_ptr, wsum_ptr, scores_ptr, best_ptr, sync_ptr,
+    B, T, D, K, A,
+    stride_ib, stride_it, stride_mb, stride_mt, stride_ev, stride_ck,
+    n_dtiles, n_pool,
+    HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim(mean_t w E[ids[b,t]] - center, C[k]); best = argmax_a.
+
+    Grid: n_pool + n_score programs (module docstring). The host wrapper has checked everything.
+    """
+    ticket = tl.atomic_add(sync_ptr, 1)
+    if ticket < n_pool:
+        b = ticket // n_dtiles
+        dt = ticket % n_dtiles
+        _pool_tile(b, dt, ids_ptr, mask_ptr, emb_ptr, tokw_ptr, pooled_ptr, wsum_ptr,
+                   T, D, stride_ib, stride_it, stride_mb, stride_mt, stride_ev,
+                   HAS_TOKW, BLOCK_T, BLOCK_DP)
+        if dt == 0:
+            _init_row_outputs(b, scores_ptr, best_ptr, A, BLOCK_A)
+        _signal_pooled(sync_ptr)
+    else:
+        _wait_pooled(sync_ptr, n_pool)
+        _score_tile(ticket - n_pool, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
+                    sync_ptr, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+
+
+@triton.jit
+def _incremental_pool_distance_kernel(
+    new_ids_ptr, new_mask_ptr, emb_ptr, tokw_ptr, center_ptr, cent_ptr, c2a_ptr,
+    sum_ptr, wsum_ptr, pooled_ptr, scores_ptr, best_ptr, sync_ptr,
+    B, D, K, A, stride_ev, stride_sb, stride_ck,
+    HAS_MASK: tl.constexpr, HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(S[b]/W[b] - center, C[k]).
+
+    Pooling items are whole rows (O(D) each, they own S[b] and W[b]); scoring is ``_score_tile``.
+    """
+    ticket = tl.atomic_add(sync_ptr, 1)
+    if ticket < B:
+        b64 = ticket.to(tl.int64)
+        tid = tl.load(new_ids_ptr + b64).to(tl.int64)
+        w = tl.load(wsum_ptr + b64) * 0.0 + 1.0  # fp32 scalar 1
+        if HAS_MASK:
+            keep = tl.load(new_mask_ptr + b64) != 0
+            tid = tl.where(keep, tid, 0)
+            w = tl.where(keep, w, 0.0)
+        if HAS_TOKW:
+            w = w * tl.load(tokw_ptr + tid).to(tl.float32)
+        wsum = tl.load(wsum_ptr + b64) + w
+        denom = tl.where(wsum != 0.0, wsum, 1.0)
+        for d0 in range(0, D, BLOCK_DP):
+            offs_d = d0 + tl.arange(0, BLOCK_DP)  # [BDP]
+            d_ok = offs_d < D
+            live = (tl.zeros([BLOCK_DP], tl.float32) + w) != 0.0  # [BDP]: skip the row read when w == 0
+            e = tl.load(emb_ptr + tid * stride_ev + offs_d, mask=d_ok & live, other=0.0).to(tl.float32)
+            s = tl.load(sum_ptr + b64 * stride_sb + offs_d, mask=d_ok, other=0.0) + w * e  # [BDP]
+            tl.store(sum_ptr + b64 * stride_sb + offs_d, s, mask=d_ok)
+            tl.store(pooled_ptr + b64 * D + offs_d, tl.where(wsum != 0.0, s / denom, 0.0), mask=d_ok)
+        tl.store(wsum_ptr + b64, wsum)
+        _init_row_outputs(ticket, scores_ptr, best_ptr, A, BLOCK_A)
+        _signal_pooled(sync_ptr)
+    else:
+        _wait_pooled(sync_ptr, B)
+        _score_tile(ticket - B, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
+                    sync_ptr, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+
+
+# --------------------------------------------------------------------------------------------------
+# Host wrappers
+# --------------------------------------------------------------------------------------------------
+
+
+def _pow2_block(n: int, cap: int) -> int:
+    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
+
+
+def default_blocks(batch: int, tokens: int, dim: int, num_centroids: int, num_adapters: int, device) -> dict:
+    """Block sizes: ``GPU_BLOCKS`` on a GPU; in the interpreter large blocks (few block ops, fast on numpy)."""
+    if device.type != "cpu":
+        return dict(GPU_BLOCKS)
+    return {
+        "BLOCK_T": _pow2_block(tokens, 256),
+        "BLOCK_DP": _pow2_block(dim, 1024),
+        "BLOCK_B": _pow2_block(batch, 64),
+        "BLOCK_K": _pow2_block(num_centroids, 256),
+        "BLOCK_D": _pow2_block(dim, 1024),
+        "BLOCK_A": _pow2_block(num_adapters, 1024),
+    }
+
+
+def _resolve_blocks(defaults: dict, overrides: dict | None) -> dict:
+    blocks = dict(defaults)
+    for name, value in (overrides or {}).items():
+        if name not in blocks:
+            raise ValueError(f"unknown block size {name!r}; known: {sorted(blocks)}")
+        blocks[name] = int(value)
+    for name, value in blocks.items():
+        if value < 16 or value & (value - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
+    return blocks
+
+
+def check_triton_device(*tensors: torch.Tensor) -> None:
+    """Raise ``RuntimeError`` if the tensors cannot run here: CPU tensors need the interpreter."""
+    for t in tensors:
+        if t is not None and t.device.type == "cpu" and not INTERPRETED:
+            raise RuntimeError(
+                "the Triton backend got CPU tensors but Triton's interpreter is off: set TRITON_INTERPRET=1 "
+                "before triton is first imported, or use backend='torch'"
+            )
+
+
+def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
+    if t.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
+
+
+def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance):
+    """Checks shared by both host wrappers; returns (c2a int32 [K], center fp32 or None, tokw fp32 or None)."""
+    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance)
+    check_centroid_adapter_range(centroid_adapter, num_adapters)
+    _check_last_dim_contiguous("embed_weight", embed_weight)
+    _check_last_dim_contiguous("centroids", centroids)
+    if centroids.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"centroids must be fp32/fp16/bf16, got {centroids.dtype}")
+    c2a = centroid_adapter.to(torch.int32).contiguous()  # [K]
+    center32 = None if center is None else center.to(torch.float32).contiguous()  # [D]
+    tokw32 = None if token_weights is None else token_weights.to(torch.float32).contiguous()  # [V]
+    return c2a, center32, tokw32
+
+
+def _mask_view(mask: torch.Tensor) -> torch.Tensor:
+    """A bool mask as uint8 (same bytes, no copy); other dtypes unchanged."""
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def embed_pool_distance_triton(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    embed_weight: torch.Tensor,
+    centroids: torch.Tensor,
+    centroid_adapter: torch.Tensor,
+    num_adapters: int,
+    *,
+    center: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    distance: str = "cosine",
+    return_pooled: bool = False,
+    block_sizes: dict | None = None,
+):
+    """Semantics: scores[b, a] = max_k cos(mean_t w E[ids[b,t]] - center, C[k]) over adapter a's centroids
+    (negated euclidean distance for "l2"); best[b] = first argmax_a, -1 for a row with no weighted tokens.
+
+    Exactly the rules of ``reference.embed_pool_distance_ref`` (same arguments and returns), in ONE
+    Triton launch (module docstring: ticketed pooling items, then scoring tiles with ``tl.dot`` and
+    ``atomic_max`` into a -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``).
+
+    Bytes it must touch (the memory floor): the ids and mask (B*T each), the embedding rows of the
+    masked-in tokens (n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem)
+    and the map (K*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled). Expected time ~ those bytes /
+    memory bandwidth: the kernel reads each needed table row once per D tile (no upcast copy), and the
+    centroids ``cdiv(B, BLOCK_B)`` times (once for B <= BLOCK_B). The only extra traffic is the pooled
+    scratch (B*D*4 written once, re-read per k-tile: tiny next to K*D).
+
+    Checks before launch (``ValueError``): ranks/shapes/dtypes, one device, last-dim contiguity of the
+    table and centroids (never copied), centroid_adapter in [0, A), and every id at a masked-in position
+    in [0, V) (the error names the id and V). ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
+    """
+    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    c2a, center32, tokw32 = _prepare_common(
+        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance
+    )
+    devices = {input_ids.device, attention_mask.device, embed_weight.device}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    check_triton_device(embed_weight)
+    check_token_ids_in_range(input_ids, attention_mask != 0, embed_weight.shape[0])
+
+    batch, tokens = input_ids.shape
+    dim = embed_weight.shape[1]
+    num_centroids = centroids.shape[0]
+    num_adapters = int(num_adapters)
+    device = embed_weight.device
+    blocks = _resolve_blocks(default_blocks(batch, tokens, dim, num_centroids, num_adapters, device), block_sizes)
+    mask = _mask_view(attention_mask)  # [B, T]
+    pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
+    wsum = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
+    scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
+    best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
+    n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
+    sync = torch.zeros(2 + n_rb, dtype=torch.int32, device=device)
+    n_dtiles = triton.cdiv(dim, blocks["BLOCK_DP"])
+    n_pool = batch * n_dtiles
+    n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
+    if batch:
+        dummy = pooled  # never dereferenced when the matching HAS_* flag is off
+        _embed_pool_distance_kernel[(n_pool + n_score,)](
+            input_ids, mask, embed_weight, tokw32 if tokw32 is not None else dummy,
+            center32 if center32 is not None else dummy, centroids, c2a,
+            pooled, wsum, scores, best, sync,
+            batch, tokens, dim, num_centroids, num_adapters,
+            input_ids.stride(0), input_ids.stride(1), mask.stride(0), mask.stride(1),
+            embed_weight.stride(0), centroids.stride(0),
+            n_dtiles, n_pool,
+            HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None, IS_COSINE=distance == "cosine",
+            **blocks,
+        )
+    if return_pooled:
+        return scores, best, pooled
+    return scores, best
+
+
+def incremental_pool_distance_triton(
+    new_ids: torch.Tensor,
+    running_sum: torch.Tensor,
+    running_weight: torch.Tensor,
+    embed_weight: torch.Tensor,
+    centroids: torch.Tensor,
+    centroid_adapter: torch.Tensor,
+    num_adapters: int,
+    *,
+    new_mask: torch.Tensor | None = None,
+    center: torch.Tensor | None = None,
+    token_weights: torch.Tensor | None = None,
+    distance: str = "cosine",
+    block_sizes: dict | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(S[b]/W[b] - center, C[k]).
+
+    Exactly ``reference.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table
+    row read, S[b] read and written), then the scoring tiles of ``embed_pool_distance_triton``. Bytes it
+    must touch: B*D*(elem + 8) for the update plus K*D*elem for the centroids. ``running_sum`` must be
+    contiguous in its last dimension (it is updated in place, never copied).
+    """
+    c2a, center32, tokw32 = _prepare_common(
+        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance
+    )
+    keep = check_incremental_args(new_ids, running_sum, running_weight, embed_weight, new_mask)  # [B]
+    _check_last_dim_contiguous("running_sum", running_sum)
+    if not running_weight.is_contiguous():
+        raise ValueError("running_weight must be contiguous")
+    check_triton_device(embed_weight)
+    check_token_ids_in_range(new_ids, keep, embed_weight.shape[0])
+
+    batch = new_ids.shape[0]
+    dim = embed_weight.shape[1]
+    num_centroids = centroids.shape[0]
+    num_adapters = int(num_adapters)
+    device = embed_weight.device
+    blocks = _resolve_blocks(default_blocks(batch, 1, dim, num_centroids, num_adapters, device), block_sizes)
+    blocks.pop("BLOCK_T")
+    mask = None if new_mask is None else _mask_view(new_mask.to(device)).contiguous()  # [B]
+    pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D] scratch
+    scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
+    best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
+    n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
+    sync = torch.zeros(2 + n_rb, dtype=torch.int32, device=device)
+    n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
+    if batch:
+        dummy = pooled
+        _incremental_pool_distance_kernel[(batch + n_score,)](
+            new_ids.contiguous(), mask if mask is not None else dummy, embed_weight,
+            tokw32 if tokw32 is not None else dummy, center32 if center32 is not None else dummy,
+            centroids, c2a, running_sum, running_weight, pooled, scores, best, sync,
+            batch, dim, num_centroids, num_adapters,
+            embed_weight.stride(0), running_sum.stride(0), centroids.stride(0),
+            HAS_MASK=mask is not None, HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None,
+            IS_COSINE=distance == "cosine", **blocks,
+        )
+    return scores, best
