@@ -5,17 +5,21 @@ from __future__ import annotations
 import torch
 from transformers.utils import ModelOutput
 
-from .lora_dispatch import LoraPlan, uniform_plan, use_plan
+from .lora_dispatch import LoraPlan, use_plan
 from .router import RoutingDecision
 
 
-def generate_batched(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict):
-    """One `generate` over the whole batch; every LoRA layer applies each row's own adapter (PEFT mixed batch)."""
-    with use_plan(LoraPlan(tuple(decision.adapter_names))):
+def generate_batched(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict,
+                     plan_for=lambda names: LoraPlan(tuple(names))):
+    """One `generate` over the whole batch; every LoRA layer applies each row's own adapter.
+
+    `plan_for(names)` builds the call's LoRA plan (PEFT mixed batch by default, or the stacked path)."""
+    with use_plan(plan_for(decision.adapter_names)):
         return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def generate_grouped(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict):
+def generate_grouped(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict,
+                     plan_for=lambda names: LoraPlan(tuple(names))):
     """Rows grouped by routed adapter; one `generate` per group; outputs re-assembled in input order.
 
     Each group's adapter is selected through this call's own plan (no `set_adapter`, no shared state), so
@@ -27,11 +31,11 @@ def generate_grouped(backbone, decision: RoutingDecision, input_ids, attention_m
     for row, name in enumerate(decision.adapter_names):
         groups.setdefault(name, []).append(row)
     if len(groups) == 1:
-        return generate_batched(backbone, decision, input_ids, attention_mask, kwargs)
+        return generate_batched(backbone, decision, input_ids, attention_mask, kwargs, plan_for)
     outputs, rows_per_group = [], []
     for name, rows in groups.items():
         index = torch.tensor(rows, device=input_ids.device)
-        with use_plan(uniform_plan(name, len(rows))):
+        with use_plan(plan_for([name] * len(rows))):
             outputs.append(
                 backbone.generate(input_ids=input_ids[index], attention_mask=attention_mask[index], **kwargs)
             )

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
+from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 
 from .constants import BASE_ADAPTER
@@ -59,17 +60,43 @@ def active_plan() -> LoraPlan | None:
     return _ACTIVE_PLAN.get()
 
 
+def _layer_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs.get("x", kwargs.get("input"))
+
+
 def _inject_adapter_names(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Pre-hook of every LoRA layer: PEFT's per-row adapter names from the plan (all "__base__" for mixtures)."""
     plan = _ACTIVE_PLAN.get()
     if plan is None:
         return None
-    x = args[0] if args else kwargs.get("x", kwargs.get("input"))
-    kwargs["adapter_names"] = plan.names_for(x.shape[0])
+    kwargs["adapter_names"] = plan.names_for(_layer_input(args, kwargs).shape[0])
     return args, kwargs
 
 
+def _add_mixture(module: torch.nn.Module, args: tuple, kwargs: dict, output: torch.Tensor):
+    """Post-hook of every LoRA layer: add the plan's weighted multi-LoRA delta (stacked path only)."""
+    plan = _ACTIVE_PLAN.get()
+    if plan is None or not hasattr(plan, "mixture_for"):
+        return None
+    if not isinstance(module, LoraLinear):
+        raise ValueError(f"Weighted/token-level LoRA mixing supports LoRA on linear layers only, not "
+                         f"{type(module).__name__}; use routing='sequence' with lora_backend='peft'.")
+    from .mixing import add_mixture_delta
+
+    return add_mixture_delta(module, _layer_input(args, kwargs), output, plan, plan.adapter_order)
+
+
+def _before_backbone_forward(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Pre-hook of the backbone: pre-gating for token-level routing, once per forward, before any layer."""
+    plan = _ACTIVE_PLAN.get()
+    if plan is not None and hasattr(plan, "before_backbone_forward"):
+        plan.before_backbone_forward(kwargs.get("input_ids", args[0] if args else None))
+    return None
+
+
 def install_plan_hooks(model: torch.nn.Module) -> int:
-    """Register the plan hook on every PEFT LoRA layer of `model` that lacks it; returns how many were added.
+    """Register the plan hooks on every PEFT LoRA layer of `model` that lacks them, and the pre-gating hook on
+    the backbone; returns how many LoRA layers were hooked.
 
     Idempotent: call it again after loading an adapter that wraps new modules.
     """
@@ -77,13 +104,14 @@ def install_plan_hooks(model: torch.nn.Module) -> int:
     for module in model.modules():
         if isinstance(module, LoraLayer) and not getattr(module, "_ariadne_plan_hook", False):
             module.register_forward_pre_hook(_inject_adapter_names, with_kwargs=True)
+            module.register_forward_hook(_add_mixture, with_kwargs=True)
             module._ariadne_plan_hook = True
             added += 1
+    backbone = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not getattr(backbone, "_ariadne_gate_hook", False):
+        backbone.register_forward_pre_hook(_before_backbone_forward, with_kwargs=True)
+        backbone._ariadne_gate_hook = True
     return added
 
 
-def uniform_plan(name: str, rows: int) -> LoraPlan:
-    return LoraPlan(tuple([name] * rows))
-
-
-__all__ = ["BASE_ADAPTER", "LoraPlan", "active_plan", "install_plan_hooks", "uniform_plan", "use_plan"]
+__all__ = ["BASE_ADAPTER", "LoraPlan", "active_plan", "install_plan_hooks", "use_plan"]

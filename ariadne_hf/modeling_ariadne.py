@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -14,11 +15,12 @@ from transformers.utils import ModelOutput
 from . import bundle as bundle_io
 from .adapters import AdapterError, adapter_summary, check_adapter_dir, load_adapter, resolve_adapter_dir
 from .centroids import kmeans
-from .configuration_ariadne import AriadneConfig, validate_adapter_name
+from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import ADAPTER_WEIGHTS_NAME, BASE_ADAPTER
 from .embedding import embed_prompts, load_prompts
 from .generation import generate_batched, generate_grouped
-from .lora_dispatch import install_plan_hooks
+from .lora_dispatch import LoraPlan, install_plan_hooks, use_plan
+from .mixing import MixturePlan, TokenRoutingState, validate_adapter_weights
 from .router import AriadneRouter, RoutingDecision, embedding_fingerprint
 
 _UNSET: Any = object()
@@ -319,16 +321,45 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return RoutingDecision(names, indices, empty, nan, list(order), ["override"] * len(names))
 
     # ---- inference ------------------------------------------------------------------------------------------
-    def forward(self, input_ids=None, attention_mask=None, *, adapter_names=None, reject_threshold=_UNSET,
-                **kwargs):
-        """Route each row, then run the backbone with each row's adapter; returns the backbone's output with
-        `.routes` (this call's RoutingDecision)."""
-        from .lora_dispatch import LoraPlan, use_plan
+    def _call_options(self, **overrides) -> SimpleNamespace:
+        """The config's routing options with this call's overrides (None = keep), validated."""
+        fields = ("routing", "reroute_every", "routing_top_k", "routing_temperature", "generation_strategy",
+                  "lora_backend", "distance", "num_centroids", "kernel_backend")
+        options = SimpleNamespace(**{f: getattr(self.config, f) for f in fields})
+        for key, value in overrides.items():
+            if value is not None:
+                setattr(options, key, value)
+        validate_routing_options(options)
+        if options.routing == "token" and options.routing_top_k > len(self.adapter_names):
+            raise ValueError(f"routing_top_k={options.routing_top_k} is larger than the number of adapters "
+                             f"({len(self.adapter_names)}).")
+        return options
 
+    def _plan_factory(self, lora_backend: str):
+        """names -> the LoRA plan that applies them (PEFT mixed batch, or our stacked per-row path)."""
+        if lora_backend == "stacked":
+            order = self.adapter_names
+            return lambda names: MixturePlan.one_hot(
+                torch.tensor([order.index(n) if n != BASE_ADAPTER else -1 for n in names]), order)
+        return lambda names: LoraPlan(tuple(names))
+
+    def _weights_plan(self, adapter_weights, batch_size: int) -> MixturePlan:
+        weights = validate_adapter_weights(adapter_weights, batch_size, len(self.adapter_names))
+        return MixturePlan.from_dense(weights, self.adapter_names)
+
+    def forward(self, input_ids=None, attention_mask=None, *, adapter_names=None, adapter_weights=None,
+                lora_backend=None, reject_threshold=_UNSET, **kwargs):
+        """Route each row, then run the backbone with each row's adapter; returns the backbone's output with
+        `.routes` (this call's RoutingDecision). `adapter_weights` [B, A] applies a fixed weighted mixture."""
         if input_ids is None:
             raise ValueError("AriadneRoutedModel.forward needs input_ids (routing reads the token ids).")
+        options = self._call_options(lora_backend=lora_backend)
         decision = self._decision_for_call(input_ids, attention_mask, adapter_names, reject_threshold)
-        with use_plan(LoraPlan(tuple(decision.adapter_names))):
+        if adapter_weights is not None:
+            plan = self._weights_plan(adapter_weights, input_ids.shape[0])
+        else:
+            plan = self._plan_factory(options.lora_backend)(decision.adapter_names)
+        with use_plan(plan):
             output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if isinstance(output, ModelOutput):
             output.routes = decision
@@ -342,43 +373,93 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         adapter_names: list[str] | str | None = None,
+        adapter_weights: torch.Tensor | None = None,
+        routing: str | None = None,
+        reroute_every: int | None = None,
+        routing_top_k: int | None = None,
+        routing_temperature: float | None = None,
         generation_strategy: str | None = None,
+        lora_backend: str | None = None,
         reject_threshold: float | None = _UNSET,
         on_route: Callable[[RoutingDecision], None] | None = None,
         **kwargs,
     ):
-        """Route every row, then generate with each row's adapter; rows come back in input order.
+        """Route every row, then generate with each row's adapter(s); rows come back in input order.
 
-        Extra arguments: `adapter_names` overrides routing (one name per row, ``"__base__"`` allowed);
-        `generation_strategy` ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate
-        per adapter group); `reject_threshold` overrides the config; `on_route(decision)` is called with this
-        call's routes. With `return_dict_in_generate=True` the output has `.routes`. All other arguments go to
-        transformers' `generate` (greedy, sampling, beams, num_return_sequences, ...).
+        Routing arguments (each overrides the config for this call only):
+          `routing` "sequence" (one adapter per prompt) or "token" (re-mix adapters while decoding, with
+          `reroute_every`, `routing_top_k`, `routing_temperature`); `adapter_names` forces one adapter per row
+          ("__base__" allowed); `adapter_weights` [B, A] forces a fixed weighted mixture per row;
+          `generation_strategy` "batched" | "grouped"; `lora_backend` "peft" | "stacked";
+          `reject_threshold`; `on_route(decision)` is called with this call's prompt routes.
+        With `return_dict_in_generate=True` the output has `.routes` (and `.token_routes` for token routing).
+        All other arguments go to transformers' `generate` (greedy, sampling, beams, num_return_sequences, ...).
         """
+        options = self._call_options(routing=routing, reroute_every=reroute_every, routing_top_k=routing_top_k,
+                                     routing_temperature=routing_temperature,
+                                     generation_strategy=generation_strategy, lora_backend=lora_backend)
         if input_ids is None:
             input_ids = inputs
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)
             self.backbone.generation_config = self.generation_config  # the bundle's config is the one in force
+        threshold = self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold
         if input_ids is None:  # e.g. the pipeline's empty prompt: nothing to route
             decision = RoutingDecision([BASE_ADAPTER], torch.tensor([-1]), torch.zeros(1, len(self.adapter_names)),
                                        torch.tensor([float("nan")]), self.adapter_names, ["empty"])
-        else:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            decision = self._decision_for_call(input_ids, attention_mask, adapter_names, reject_threshold)
+            with use_plan(LoraPlan((BASE_ADAPTER,))):
+                output = self.backbone.generate(attention_mask=attention_mask, **kwargs)
+            return self._attach(output, decision, None, on_route)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if adapter_weights is not None:
+            validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+            plan = self._weights_plan(adapter_weights, input_ids.shape[0])
+            decision = self._decision_for_call(input_ids, attention_mask, None, threshold)
+            with use_plan(plan):
+                output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._attach(output, decision, None, on_route)
+        if options.routing == "token" and adapter_names is None:
+            state, decision = self._start_token_routing(input_ids, attention_mask, options, threshold)
+            if on_route is not None:
+                on_route(decision)
+            if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
+                raise ValueError("Token-level routing does not support beam search (num_beams > 1): beams are "
+                                 "reordered every step. Use greedy decoding or sampling.")
+            with use_plan(state):
+                output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+            return self._attach(output, decision, state.trace, None)
+        decision = self._decision_for_call(input_ids, attention_mask, adapter_names, threshold)
         if on_route is not None:
             on_route(decision)
-        strategy = generation_strategy or self.config.generation_strategy
-        if strategy == "batched":
-            output = generate_batched(self.backbone, decision, input_ids, attention_mask, kwargs)
-        elif strategy == "grouped":
-            output = generate_grouped(self.backbone, decision, input_ids, attention_mask, kwargs)
-        else:
-            raise ValueError(f"generation_strategy must be 'batched' or 'grouped', got {strategy!r}.")
+        generate_fn = generate_grouped if options.generation_strategy == "grouped" else generate_batched
+        output = generate_fn(self.backbone, decision, input_ids, attention_mask, kwargs,
+                             self._plan_factory(options.lora_backend))
+        return self._attach(output, decision, None, None)
+
+    @staticmethod
+    def _attach(output, decision, trace, on_route):
+        if on_route is not None:
+            on_route(decision)
         if isinstance(output, ModelOutput):
             output.routes = decision
+            if trace is not None:
+                output.token_routes = trace
         return output
+
+    def _start_token_routing(self, input_ids, attention_mask, options, threshold):
+        """Pool the prompt once (the running sums token routing then updates), score it, and build the state."""
+        input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+        embed_weight = self.get_input_embeddings().weight.detach()
+        scores, best, running_sum, running_weight = self.router.context(
+            input_ids, attention_mask, embed_weight, backend=options.kernel_backend)
+        decision = self.router.decide(scores, best, threshold)
+        state = TokenRoutingState(
+            self.router, embed_weight, running_sum, running_weight, scores, reroute_every=options.reroute_every,
+            top_k=options.routing_top_k, temperature=options.routing_temperature, reject_threshold=threshold,
+            backend=options.kernel_backend,
+        )
+        return state, decision
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluate_heldout(self, prompts: Mapping[str, Any], *, text_field: str = "text", batch_size: int = 64) -> dict:

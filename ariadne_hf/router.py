@@ -150,6 +150,27 @@ class AriadneRouter(nn.Module):
             backend=backend,
         )
 
+    @torch.no_grad()
+    def context(self, input_ids, attention_mask, embed_weight, *, backend: str | None = None):
+        """Score the prompts and return the state token routing continues from.
+
+        Returns (scores [B, A], best [B], running_sum [B, D] fp32, running_weight [B] fp32) where running_sum /
+        running_weight is the pooled (un-centered) prompt embedding and running_weight the pooling weight sum.
+        """
+        device = embed_weight.device
+        ids, mask = input_ids.to(device), attention_mask.to(device)
+        scores, best, pooled = embed_pool_distance(
+            ids, mask, embed_weight, self.centroids.to(device), self.centroid_adapter.to(device),
+            len(self.adapter_names), center=self.optional_center(), token_weights=self.optional_token_weights(),
+            distance=self.distance, backend=backend, return_pooled=True,
+        )
+        weight = mask.to(torch.float32)  # [B, T]
+        if self.optional_token_weights() is not None:
+            safe = torch.where(mask.bool(), ids, torch.zeros_like(ids)).long()
+            weight = weight * self.token_weights.to(device)[safe]
+        running_weight = weight.sum(dim=-1)  # [B]
+        return scores, best, pooled * running_weight.unsqueeze(-1), running_weight
+
     def decide(
         self, scores: torch.Tensor, best: torch.Tensor, reject_threshold: float | None = None
     ) -> RoutingDecision:
