@@ -522,13 +522,14 @@ class FrontHandler(BaseHTTPRequestHandler):
 def use_hub(monkeypatch, endpoint: str, hf_home: str | os.PathLike) -> None:
     """Point huggingface_hub (and transformers, which reads it at call time) at `endpoint` with an empty HF_HOME.
 
-    huggingface_hub reads HF_ENDPOINT / HF_HOME once, at import, into `huggingface_hub.constants`; every later
-    call (HfApi, hf_hub_download, snapshot_download, transformers' cached_file) reads those module attributes at
-    call time, so patching them works even after the import. The environment variables are set too, for child
+    huggingface_hub reads HF_ENDPOINT / HF_HOME once, at import, into `huggingface_hub.constants`; HfApi(),
+    hf_hub_download, snapshot_download and transformers' cached_file read those module attributes at call time, so
+    patching them works after the import too. One exception, verified: the module-level helpers
+    (`huggingface_hub.file_exists`, `model_info`, ...) belong to an HfApi made at import, patched separately. The environment variables are set too, for child
     processes. No token is read (HF_TOKEN unset, token paths inside the temporary HF_HOME) and offline mode is
     off (tests/conftest.py turns it on for the other tests).
     """
-    from huggingface_hub import constants
+    from huggingface_hub import constants, hf_api
 
     hf_home = str(hf_home)
     hub_cache = os.path.join(hf_home, "hub")
@@ -551,3 +552,6 @@ def use_hub(monkeypatch, endpoint: str, hf_home: str | os.PathLike) -> None:
     }
     for name, value in patches.items():
         monkeypatch.setattr(constants, name, value)
+    # The module-level helpers (huggingface_hub.file_exists, model_info, ...; PEFT uses them) are bound methods of
+    # one HfApi made at import time, which copied the endpoint then.
+    monkeypatch.setattr(hf_api.api, "endpoint", endpoint)

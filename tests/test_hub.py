@@ -100,7 +100,7 @@ def commit_posts(server: HubServer, since: int) -> int:
 
 # ---- the server answers like the Hub --------------------------------------------------------------------------
 def test_server_speaks_hub_errors_and_the_patch_reaches_it(hub, tmp_path):
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import file_exists, hf_hub_download
     from huggingface_hub.errors import (
         RemoteEntryNotFoundError,
         RepositoryNotFoundError,
@@ -121,6 +121,8 @@ def test_server_speaks_hub_errors_and_the_patch_reaches_it(hub, tmp_path):
         hf_hub_download("org/no-such-repo", "config.json")
     # transformers probes optional files: a missing one must read as "absent", not as an error.
     assert find_adapter_config_file(repo_id) is None
+    # the module-level helpers (used by PEFT) reach the server too
+    assert file_exists(repo_id, "config.json") and not file_exists(repo_id, "missing.json")
 
 
 # ---- push -----------------------------------------------------------------------------------------------------
@@ -293,3 +295,54 @@ def test_cache_dir_and_local_directories(hub, tmp_path):
     assert resolve_bundle(str(tmp_path / "b")) == str(tmp_path / "b")  # a local folder is returned as is
     with pytest.raises(FileExistsError):
         pull_bundle(repo_id, local_dir=tmp_path / "b")
+
+
+# ---- end to end: a real routed model through the Hub ----------------------------------------------------------
+def test_routed_model_round_trips_through_the_hub(hub, tiny_assets, mixed_batch, tmp_path, monkeypatch):
+    """Backbone on the Hub -> build -> push -> pull in an empty cache with both loaders -> same routes and logits;
+    then again offline from the cache."""
+    from huggingface_hub import HfApi, constants
+    from transformers import AutoModelForCausalLM, pipeline
+
+    from ariadne_hf import AriadneRoutedModel
+
+    backbone_id, repo_id = new_repo_id(), new_repo_id()
+    HfApi().create_repo(backbone_id)
+    HfApi().upload_folder(repo_id=backbone_id, folder_path=tiny_assets["backbone"])
+    model = AriadneRoutedModel.from_adapters(backbone_id, tiny_assets["adapters"], tiny_assets["train"],
+                                             heldout_prompts=tiny_assets["test"], num_centroids=4, progress=False)
+    assert model.config.backbone_revision == hub.commits(backbone_id)[0]  # pinned to the commit
+    model.push_to_hub(repo_id)
+
+    remote = hub.files(repo_id)
+    meta = yaml_front_matter(remote["README.md"].decode())
+    assert meta["base_model"] == backbone_id and f"base_model:adapter:{backbone_id}" in meta["tags"]
+    for link in ("images/routing_confusion.png", "images/centroids_pca.png"):
+        assert f"]({link})" in remote["README.md"].decode() and link in remote
+
+    use_hub(monkeypatch, hub.url, tmp_path / "fresh_home")  # nothing cached: bundle and backbone over HTTP
+    _, labels, batch = mixed_batch
+    expected = model(**batch)
+    for loader in (AriadneRoutedModel, AutoModelForCausalLM):
+        loaded = loader.from_pretrained(repo_id)
+        assert isinstance(loaded, AriadneRoutedModel)
+        got = loaded(**batch)
+        assert got.routes.adapter_names == expected.routes.adapter_names
+        assert torch.equal(got.logits, expected.logits)
+    assert expected.routes.adapter_names == labels  # the tiny tasks are separable: routing is right
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # PEFT reads the variable itself
+    before = len(hub.requests)
+    offline = AutoModelForCausalLM.from_pretrained(repo_id)
+    assert torch.equal(offline(**batch).logits, expected.logits)
+    generator = pipeline("text-generation", model=repo_id)
+    assert generator(tiny_assets["test"]["math"][0], max_new_tokens=3, do_sample=False)[0]["generated_text"]
+    assert len(hub.requests) == before
+
+
+def yaml_front_matter(readme: str) -> dict:
+    import yaml
+
+    assert readme.startswith("---\n")
+    return yaml.safe_load(readme.split("---\n", 2)[1])
