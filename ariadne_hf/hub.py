@@ -20,6 +20,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
@@ -264,6 +265,8 @@ def push_bundle_dir(
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
 
+    if revision is not None and re.fullmatch(r"[0-9a-f]{40}", revision):
+        raise ValueError(f"push: revision={revision!r} is a commit sha; pass a branch name (or None for 'main').")
     config = check_local_bundle(directory)
     files = list_local_files(directory)
     api = HfApi(endpoint=endpoint, token=token)
@@ -479,8 +482,9 @@ def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
         ) from err
     except RepositoryNotFoundError as err:
         raise BundleNotFoundError(
-            f"Bundle repo {repo_id!r} was not found on the Hub. Check the repo id ('namespace/name'); if the repo "
-            "is private, pass token=... (or log in with `hf auth login`) with access to it."
+            f"Bundle repo {repo_id!r} was not found on the Hub (and no local folder has that name). Check the repo "
+            "id ('namespace/name'); if the repo is private, pass token=... (or log in with `hf auth login`) with "
+            "access to it."
         ) from err
     except RevisionNotFoundError as err:
         raise BundleRevisionNotFoundError(

@@ -205,6 +205,22 @@ def test_push_refuses_pickles_and_non_bundles_before_any_request(hub, tmp_path):
     assert len(hub.requests) == before
 
 
+def test_self_contained_bundle_pulls_its_base_folder_without_pickles(hub, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ("math",), backbone="base", readme=None)
+    (bundle / "base").mkdir()
+    (bundle / "base" / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.ones(3)}, str(bundle / "base" / "model.safetensors"))
+    repo_id = new_repo_id()
+    push_bundle_dir(bundle, repo_id)
+    assert read_tree(resolve_bundle(repo_id)) == read_tree(bundle)
+    (bundle / "base" / "model.safetensors").unlink()
+    torch.save({"w": torch.ones(3)}, bundle / "base" / "pytorch_model.bin")
+    with pytest.raises(UnsafeBundleError):
+        push_bundle_dir(bundle, repo_id)
+    with pytest.raises(ValueError, match="commit sha"):
+        push_bundle_dir(bundle, repo_id, revision="a" * 40)
+
+
 # ---- pull: errors ---------------------------------------------------------------------------------------------
 def test_missing_repo_and_revision_are_clear_errors(hub, tmp_path):
     with pytest.raises(BundleNotFoundError, match=r"org/absent.*token"):
