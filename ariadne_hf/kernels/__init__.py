@@ -20,7 +20,7 @@ The Triton modules share their names with the public functions: import them as
 from __future__ import annotations
 
 import functools
-import importlib.util
+import importlib
 import logging
 import os
 import sys
@@ -46,8 +46,12 @@ _logged: set[tuple[str, str, str]] = set()
 
 @functools.cache
 def triton_available() -> bool:
-    """Whether ``triton`` can be imported (checked without importing it)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether ``triton`` can be imported (only asked when the triton backend is a candidate)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def _interpreter_requested() -> bool:

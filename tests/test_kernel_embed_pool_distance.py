@@ -1,0 +1,158 @@
+"""The fused Triton embed-pool-distance kernels against the torch reference, in Triton's interpreter (CPU)."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and, ideally, triton) is imported
+
+import pytest  # noqa: E402
+import test_kernels_reference as cases  # noqa: E402
+import torch  # noqa: E402
+
+from ariadne_hf.kernels import embed_pool_distance, incremental_pool_distance  # noqa: E402
+from ariadne_hf.kernels.reference import embed_pool_distance_ref, incremental_pool_distance_ref  # noqa: E402
+
+pytest.importorskip("triton")
+
+SMALL_BLOCKS = {"BLOCK_T": 16, "BLOCK_DP": 32, "BLOCK_B": 16, "BLOCK_K": 16, "BLOCK_D": 32, "BLOCK_A": 16}
+
+
+@pytest.fixture(scope="module")
+def kernels():
+    """The Triton module, its kernels (and triton's standard library) created for the interpreter."""
+    return cases.triton_interpreter_module("embed_pool_distance")
+
+
+# A covering set (not the cross product) of B 1/3/33, T 1/7/300, D 32/123/576, K 1/5/257, A 1/3/40, paddings,
+# table dtypes, distances, center and token weights.
+KERNEL_CASES = [
+    dict(batch=1, tokens=1, dim=32, num_centroids=1, num_adapters=1, dtype="fp32", padding="none", distance="cosine"),
+    dict(batch=3, tokens=7, dim=123, num_centroids=5, num_adapters=3, dtype="bf16", padding="left", distance="l2",
+         center=True, empty_rows=(1,)),
+    dict(batch=33, tokens=300, dim=576, num_centroids=257, num_adapters=40, dtype="fp16", padding="right",
+         distance="cosine", token_weights=True, empty_rows=(0, 32)),
+    dict(batch=33, tokens=7, dim=32, num_centroids=257, num_adapters=1, dtype="fp32", padding="left", distance="l2",
+         token_weights=True, center=True),
+    dict(batch=3, tokens=300, dim=123, num_centroids=1, num_adapters=40, dtype="bf16", padding="none",
+         distance="cosine", center=True),
+    dict(batch=1, tokens=300, dim=576, num_centroids=5, num_adapters=3, dtype="fp32", padding="right", distance="l2"),
+    dict(batch=33, tokens=1, dim=123, num_centroids=5, num_adapters=40, dtype="bf16", padding="right",
+         distance="cosine", empty_rows=(5,)),
+    dict(batch=3, tokens=7, dim=576, num_centroids=257, num_adapters=3, dtype="fp16", padding="left", distance="l2",
+         token_weights=True),
+]
+
+
+def _case_id(spec):
+    return "B{batch}-T{tokens}-D{dim}-K{num_centroids}-A{num_adapters}-{dtype}-{padding}-{distance}".format(**spec) + (
+        "-center" if spec.get("center") else "") + ("-tokw" if spec.get("token_weights") else "")
+
+
+def _check_against_reference(case, distance, dtype, **kwargs):
+    ref = cases.call(embed_pool_distance_ref, case, distance=distance, return_pooled=True)
+    got = cases.call(embed_pool_distance, case, distance=distance, backend="triton", return_pooled=True, **kwargs)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64 and got[2].dtype == torch.float32
+    assert got[0].shape == ref[0].shape and got[1].shape == ref[1].shape and got[2].shape == ref[2].shape
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)  # pooled, un-centered
+    tol = cases.score_tolerance(dtype, distance, ref[0])
+    decided = cases.assert_routes_match(ref[0], ref[1], got[0], got[1], tol)
+    return decided
+
+
+@pytest.mark.parametrize("spec", KERNEL_CASES, ids=_case_id)
+def test_kernel_matches_reference(kernels, spec):
+    spec = dict(spec)
+    dtype = cases.DTYPES[spec.pop("dtype")]
+    distance = spec.pop("distance")
+    case = cases.make_case(**spec, vocab=97, dtype=dtype, seed=spec["batch"] + spec["tokens"])
+    decided = _check_against_reference(case, distance, dtype)
+    assert decided >= spec["batch"] - len(spec.get("empty_rows", ())) - 2  # most routes are actually compared
+    for b in spec.get("empty_rows", ()):
+        got = cases.call(embed_pool_distance, case, distance=distance, backend="triton")
+        assert got[1][b] == -1 and torch.isinf(got[0][b]).all()
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_kernel_small_blocks_loop_over_every_tile(kernels, distance):
+    """Blocks of 16/32 force loops over T, D (pool and score), K and A tiles and several row blocks."""
+    case = cases.make_case(35, 40, 60, 123, 70, 37, dtype=torch.bfloat16, padding="left", center=True,
+                           token_weights=True, empty_rows=(16, 34), seed=11)
+    ref = cases.call(embed_pool_distance_ref, case, distance=distance, return_pooled=True)
+    got = kernels.embed_pool_distance_triton(
+        case["input_ids"], case["attention_mask"], case["embed_weight"], case["centroids"],
+        case["centroid_adapter"], case["num_adapters"], center=case["center"], token_weights=case["token_weights"],
+        distance=distance, return_pooled=True, block_sizes=SMALL_BLOCKS,
+    )
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
+    cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.bfloat16, distance, ref[0]))
+
+
+def test_kernel_ties_missing_adapters_and_no_centroids(kernels):
+    table = torch.eye(32)[:4]  # [V=4, D=32]
+    ids = torch.tensor([[0, 1], [2, 2], [3, 3]], dtype=torch.int32)
+    mask = torch.tensor([[True, True], [True, True], [False, False]])
+    centroids = torch.zeros(3, 32)
+    centroids[0, 2] = centroids[1, 2] = 1.0
+    centroids[2, :2] = 1.0
+    c2a = torch.tensor([3, 1, 0])
+    scores, best = embed_pool_distance(ids, mask, table, centroids, c2a, 4, backend="triton")
+    assert best.tolist() == [0, 1, -1]
+    assert torch.isinf(scores[:, 2]).all() and torch.isinf(scores[2]).all()
+    assert scores[1, 1] == scores[1, 3]
+    scores, best = embed_pool_distance(ids, mask, table, centroids[:0], c2a[:0], 2, backend="triton")
+    assert best.tolist() == [-1, -1, -1] and torch.isinf(scores).all()
+
+
+def test_kernel_left_right_padding_and_strided_ids(kernels):
+    case = cases.make_case(5, 12, 40, 64, 9, 4, padding="left", seed=12)
+    wide = torch.full((5, 24), 40 + 7, dtype=torch.int64)
+    wide[:, ::2] = case["input_ids"]
+    wide_mask = torch.zeros(5, 24, dtype=torch.int64)
+    wide_mask[:, ::2] = case["attention_mask"]
+    strided = dict(case, input_ids=wide[:, ::2], attention_mask=wide_mask[:, ::2])  # non-contiguous views
+    assert not strided["input_ids"].is_contiguous()
+    a = cases.call(embed_pool_distance, case, backend="triton")
+    b = cases.call(embed_pool_distance, strided, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_kernel_rejects_bad_ids_and_layouts(kernels):
+    case = cases.make_case(2, 6, 30, 32, 3, 2, seed=13)
+    case["input_ids"] = case["input_ids"].clone()
+    case["input_ids"][1, 0] = 1000
+    with pytest.raises(ValueError, match=r"token id 1000 .*V=30"):
+        cases.call(embed_pool_distance, case, backend="triton")
+    case = cases.make_case(2, 6, 30, 32, 3, 2, seed=13)
+    case["embed_weight"] = torch.randn(32, 30).T  # [V, D] with stride (1, 30)
+    with pytest.raises(ValueError, match="contiguous"):
+        cases.call(embed_pool_distance, case, backend="triton")
+    case = cases.make_case(2, 6, 30, 32, 3, 2, seed=13)
+    with pytest.raises(ValueError, match="power of two"):
+        kernels.embed_pool_distance_triton(case["input_ids"], case["attention_mask"], case["embed_weight"],
+                                           case["centroids"], case["centroid_adapter"], 2,
+                                           block_sizes={"BLOCK_K": 24})
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("blocks", [None, SMALL_BLOCKS], ids=["default-blocks", "small-blocks"])
+def test_incremental_kernel_matches_reference(kernels, distance, blocks):
+    case = cases.make_case(17, 6, 50, 123, 40, 5, dtype=torch.bfloat16, padding="left", token_weights=True,
+                           center=True, empty_rows=(3,), seed=14)
+    batch, dim = 17, 123
+    state_ref = (torch.zeros(batch, dim), torch.zeros(batch))
+    state_tri = (torch.zeros(batch, dim), torch.zeros(batch))
+    common = dict(center=case["center"], token_weights=case["token_weights"], distance=distance)
+    for t in range(6):
+        step = (case["input_ids"][:, t],)
+        tail = (case["embed_weight"], case["centroids"], case["centroid_adapter"], 5)
+        ref = incremental_pool_distance_ref(*step, *state_ref, *tail, new_mask=case["attention_mask"][:, t], **common)
+        if blocks is None:
+            got = incremental_pool_distance(*step, *state_tri, *tail, new_mask=case["attention_mask"][:, t],
+                                            backend="triton", **common)
+        else:
+            got = kernels.incremental_pool_distance_triton(*step, *state_tri, *tail,
+                                                           new_mask=case["attention_mask"][:, t],
+                                                           block_sizes=blocks, **common)
+        torch.testing.assert_close(state_tri[0], state_ref[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(state_tri[1], state_ref[1])
+        cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.float32, distance, ref[0]))
+    assert got[1][3] == -1
