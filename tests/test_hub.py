@@ -346,6 +346,9 @@ def test_routed_model_round_trips_through_the_hub(hub, tiny_assets, mixed_batch,
         assert got.routes.adapter_names == expected.routes.adapter_names
         assert torch.equal(got.logits, expected.logits)
     assert expected.routes.adapter_names == labels  # the tiny tasks are separable: routing is right
+    fresh_cache = tmp_path / "fresh_home" / "hub"
+    for repo in (repo_id, backbone_id):  # both really came over HTTP into the new HF_HOME
+        assert (fresh_cache / f"models--{repo.replace('/', '--')}" / "snapshots").is_dir()
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # PEFT reads the variable itself
