@@ -112,7 +112,7 @@ def _check_weights_loaded(peft_model: PeftModel, path: str, name: str) -> None:
 
     with safe_open(os.path.join(path, ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
         file_keys = set(handle.keys())
-    placed = set(get_peft_model_state_dict(peft_model, adapter_name=name).keys())
+    placed = set(get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False).keys())
     missing = sorted(k for k in file_keys if k not in placed)
     if missing:
         raise AdapterError(

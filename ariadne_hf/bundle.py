@@ -133,10 +133,8 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
 
 
 def _write_card(model, directory: str, config: AriadneConfig) -> None:
-    try:
-        from .model_card import write_model_card
-    except ImportError:  # the card module is optional at this stage
-        return
+    from .model_card import write_model_card
+
     write_model_card(directory, config, model.router.centroids.cpu(), model.router.centroid_adapter.cpu(),
                      routing_report=getattr(config, "routing_report", None))
 

@@ -109,6 +109,58 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, examples_per_task=args.examples_per_task)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .evaluation import evaluate_bundle, read_records
+    from .reports import routing_table, scores_table
+
+    model = _load(args.bundle, args)
+    rows = read_records(args.data, text_field=args.text_field, task_field=args.task_field)
+    if args.max_per_task:
+        rows = first_per_task(rows, args.max_per_task)
+    report = evaluate_bundle(model, rows, task_to_adapter=_pairs(args.task_map, "--task-map"), metric=args.metric,
+                             out_dir=args.out, as_chat=not args.plain)
+    print("\n".join(routing_table(report)))
+    if report.get("task_scores"):
+        print("\n" + "\n".join(scores_table(report["task_scores"])))
+    print(f"\nReport: {args.out}/report.md")
+    return 0
+
+
+def first_per_task(rows: list[dict], limit: int) -> list[dict]:
+    """The first `limit` rows of every task, in file order."""
+    taken: dict[str, int] = {}
+    kept = []
+    for row in rows:
+        if taken.get(row["task"], 0) < limit:
+            taken[row["task"]] = taken.get(row["task"], 0) + 1
+            kept.append(row)
+    return kept
+
+
+def cmd_push(args) -> int:
+    from .hub import push_bundle_dir
+
+    info = push_bundle_dir(args.bundle, args.repo_id, revision=args.revision, private=args.private or None,
+                           commit_message=args.message, replace_readme=args.replace_readme)
+    print(f"Pushed {args.bundle} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .hub import pull_bundle
+
+    folder = pull_bundle(args.repo_id, revision=args.revision, local_dir=args.local_dir)
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ariadne", description="Routed LoRA bundles for transformers/PEFT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -151,6 +203,40 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--revision", default=None)
     info.add_argument("--json", action="store_true")
     info.set_defaults(func=cmd_info)
+
+    demo = sub.add_parser("demo", help="build a bundle of the default backbone and demo adapters, route, report")
+    demo.add_argument("--out", default="ariadne-demo", help="report folder (also holds the bundle)")
+    demo.add_argument("--examples-per-task", type=int, default=1)
+    demo.set_defaults(func=cmd_demo)
+
+    evaluate = sub.add_parser("eval", help="selection accuracy (and task scores) of a bundle on labelled prompts")
+    evaluate.add_argument("bundle")
+    evaluate.add_argument("--data", required=True, help=".jsonl(.gz) with a text and a task field per line")
+    evaluate.add_argument("--text-field", default="text")
+    evaluate.add_argument("--task-field", default="task")
+    evaluate.add_argument("--task-map", action="append", metavar="TASK=ADAPTER", help="task name -> adapter name")
+    evaluate.add_argument("--metric", choices=["exact_match", "multiple_choice"], default=None,
+                          help="also score answers (targets / choices+answer): routed vs oracle vs base")
+    evaluate.add_argument("--max-per-task", type=int, default=None)
+    evaluate.add_argument("--plain", action="store_true", help="route the raw text, not the chat-formatted prompt")
+    evaluate.add_argument("--out", default="ariadne-eval", help="report folder")
+    evaluate.add_argument("--revision", default=None)
+    evaluate.set_defaults(func=cmd_eval)
+
+    push = sub.add_parser("push", help="upload a bundle folder to the Hub in one commit")
+    push.add_argument("bundle")
+    push.add_argument("repo_id")
+    push.add_argument("--revision", default=None, help="branch to commit to")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--message", default=None, help="commit message")
+    push.add_argument("--replace-readme", action="store_true", help="overwrite a README.md already on the repo")
+    push.set_defaults(func=cmd_push)
+
+    pull = sub.add_parser("pull", help="download a whole bundle from the Hub; prints its folder")
+    pull.add_argument("repo_id")
+    pull.add_argument("--revision", default=None)
+    pull.add_argument("--local-dir", default=None)
+    pull.set_defaults(func=cmd_pull)
     return parser
 
 

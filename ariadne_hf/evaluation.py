@@ -32,3 +32,136 @@ def routing_report(true_labels: list[str], predicted: list[str], adapter_order: 
         "micro_accuracy": correct / len(true_labels) if true_labels else 0.0,
         "num_prompts": {k: v for k, v in counts.items() if v},
     }
+
+
+def read_records(path: str, *, text_field: str = "text", task_field: str = "task") -> list[dict]:
+    """Rows of a .jsonl / .jsonl.gz file; each must have `text_field` and `task_field` (error names the line)."""
+    import gzip
+    import json
+
+    opener = gzip.open if path.endswith(".gz") else open
+    rows = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as err:
+                raise ValueError(f"{path}:{number} is not JSON ({err}).") from err
+            for field in (text_field, task_field):
+                if field not in row:
+                    raise ValueError(f"{path}:{number} has no field {field!r} (use --text-field/--task-field).")
+            rows.append({**row, "text": row[text_field], "task": row[task_field]})
+    if not rows:
+        raise ValueError(f"{path} holds no rows.")
+    return rows
+
+
+def route_rows(model, rows: list[dict], *, batch_size: int = 32, as_chat: bool = True):
+    """Route each row's text as `generate` would see it (chat-formatted when the tokenizer has a template).
+
+    Returns (adapter names per row, margins per row as floats, scores [N, A])."""
+    import torch
+
+    from .task_metrics import left_pad, prompt_ids
+
+    tokenizer = model.tokenizer
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    names, margins, scores = [], [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        if as_chat:
+            ids, mask = left_pad([prompt_ids(tokenizer, r["text"]) for r in chunk], pad)
+        else:
+            batch = tokenizer([r["text"] for r in chunk], return_tensors="pt", padding=True, truncation=True,
+                              max_length=model.config.max_prompt_tokens)
+            ids, mask = batch["input_ids"], batch["attention_mask"]
+        decision = model.route(input_ids=ids, attention_mask=mask)
+        names += decision.adapter_names
+        margins += decision.margins.tolist()
+        scores.append(decision.scores)
+    return names, margins, torch.cat(scores)
+
+
+def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], metric: str,
+                *, progress: bool = True) -> dict:
+    """Task score with routed adapters vs the oracle adapter per prompt vs the base model.
+
+    `metric` "exact_match" (greedy generation) or "multiple_choice" (log-likelihood of each choice; rows without
+    choices are skipped). Rows routed to their oracle adapter are scored once and reused for both columns.
+    Returns {"metric", "rows", "routed", "oracle", "base", "recovery" (routed / oracle), "per_task": {...}}.
+    """
+    from tqdm.auto import tqdm
+
+    from .constants import BASE_ADAPTER
+    from .task_metrics import choice_hits, exact_match
+
+    if metric not in ("exact_match", "multiple_choice"):
+        raise ValueError(f"metric must be 'exact_match' or 'multiple_choice', got {metric!r}.")
+    keep = [i for i, r in enumerate(rows) if metric == "exact_match" or "choices" in r]
+    if not keep:
+        raise ValueError(f"No row can be scored with {metric!r} (multiple choice needs 'choices' and 'answer').")
+    rows = [rows[i] for i in keep]
+    routed, oracle = [routed[i] for i in keep], [oracle[i] for i in keep]
+
+    def score(names: list[str], rows_subset: list[dict]) -> list[bool]:
+        if not rows_subset:
+            return []
+        if metric == "exact_match":
+            return exact_match(model, model.tokenizer, rows_subset, names)[0]
+        return choice_hits(model, model.tokenizer, rows_subset, names)
+
+    bar = tqdm(total=3, desc=f"scoring {len(rows)} rows ({metric})", disable=not progress)
+    oracle_hits = score(oracle, rows)
+    bar.update()
+    differ = [i for i in range(len(rows)) if routed[i] != oracle[i]]
+    routed_hits = list(oracle_hits)
+    for i, hit in zip(differ, score([routed[i] for i in differ], [rows[i] for i in differ]), strict=True):
+        routed_hits[i] = hit
+    bar.update()
+    base_hits = score([BASE_ADAPTER] * len(rows), rows)
+    bar.update()
+    bar.close()
+
+    def mean(values):
+        return sum(values) / len(values) if values else 0.0
+
+    per_task = {}
+    for task in sorted({r["task"] for r in rows}):
+        idx = [i for i, r in enumerate(rows) if r["task"] == task]
+        per_task[task] = {k: mean([h[i] for i in idx]) for k, h in
+                          (("routed", routed_hits), ("oracle", oracle_hits), ("base", base_hits))}
+    result = {"metric": metric, "rows": len(rows), "routed": mean(routed_hits), "oracle": mean(oracle_hits),
+              "base": mean(base_hits), "per_task": per_task}
+    result["recovery"] = result["routed"] / result["oracle"] if result["oracle"] else None
+    return result
+
+
+def evaluate_bundle(model, rows: list[dict], *, task_to_adapter: dict[str, str] | None = None,
+                    metric: str | None = None, out_dir: str | None = None, as_chat: bool = True,
+                    progress: bool = True) -> dict:
+    """Selection accuracy (macro, micro, per task, confusion matrix, margins) and optionally task scores.
+
+    Each row's task maps to an adapter (`task_to_adapter`, default: the same name); rows of tasks with no adapter
+    are ignored (reported as `skipped_rows`). With `out_dir`, writes report.md, report.json, confusion.png and
+    margins.png there.
+    """
+    mapping = dict(task_to_adapter or {})
+    known = set(model.adapter_names)
+    kept = [r for r in rows if mapping.get(r["task"], r["task"]) in known]
+    if not kept:
+        raise ValueError(f"No row's task matches an adapter of this bundle ({sorted(known)}); map tasks to adapters "
+                         "with --task-map TASK=ADAPTER.")
+    oracle = [mapping.get(r["task"], r["task"]) for r in kept]
+    routed, margins, _ = route_rows(model, kept, as_chat=as_chat)
+    report = routing_report(oracle, routed, model.adapter_names)
+    report["skipped_rows"] = len(rows) - len(kept)
+    report["margins"] = margins
+    if metric:
+        report["task_scores"] = task_scores(model, kept, routed, oracle, metric, progress=progress)
+    if out_dir:
+        from .reports import write_eval_report
+
+        write_eval_report(out_dir, report)
+    return report

@@ -1,0 +1,91 @@
+"""Report folders for `ariadne eval` and `ariadne demo`: markdown, JSON and pictures (matplotlib optional)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+
+def _figure():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    return Figure
+
+
+def plot_confusion(path: str, report: dict) -> bool:
+    """Confusion matrix of a routing report as a PNG; False when matplotlib is missing."""
+    figure = _figure()
+    if figure is None:
+        return False
+    from .model_card import _plot_confusion
+
+    _plot_confusion(figure, path, report)
+    return True
+
+
+def plot_margins(path: str, margins: list[float]) -> bool:
+    """Histogram of best-minus-second-best score margins as a PNG; False when matplotlib is missing."""
+    figure = _figure()
+    finite = [m for m in margins if math.isfinite(m)]
+    if figure is None or not finite:
+        return False
+    fig = figure(figsize=(6.0, 3.6))
+    ax = fig.subplots()
+    ax.hist(finite, bins=40, color="#4c72b0", edgecolor="white")
+    ax.set_xlabel("score margin (best - second best)")
+    ax.set_ylabel("prompts")
+    ax.set_title("Routing confidence on held-out prompts")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    return True
+
+
+def _percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def routing_table(report: dict) -> list[str]:
+    lines = ["| adapter | prompts | selection accuracy |", "|---|---|---|"]
+    for name in report["labels"]:
+        if name in report["accuracy"]:
+            lines.append(f"| {name} | {report['num_prompts'][name]} | {_percent(report['accuracy'][name])} |")
+    lines.append(f"| **macro / micro** | {sum(report['num_prompts'].values())} | "
+                 f"**{_percent(report['macro_accuracy'])}** / {_percent(report['micro_accuracy'])} |")
+    return lines
+
+
+def scores_table(scores: dict) -> list[str]:
+    lines = [f"Task metric: `{scores['metric']}` on {scores['rows']} prompts.", "",
+             "| task | routed | oracle adapter | base model |", "|---|---|---|---|"]
+    for task, row in scores["per_task"].items():
+        lines.append(f"| {task} | {_percent(row['routed'])} | {_percent(row['oracle'])} | {_percent(row['base'])} |")
+    lines.append(f"| **all** | **{_percent(scores['routed'])}** | {_percent(scores['oracle'])} | "
+                 f"{_percent(scores['base'])} |")
+    lines += ["", f"Routed / oracle: **{_percent(scores['recovery'])}** of the oracle's task score."]
+    return lines
+
+
+def write_eval_report(out_dir: str, report: dict, *, title: str = "Routing evaluation",
+                      extra_sections: list[str] | None = None) -> str:
+    """Write report.md, report.json, confusion.png and margins.png into `out_dir`; returns report.md's path."""
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=2)
+    lines = [f"# {title}", "", "## Selection accuracy", ""] + routing_table(report)
+    if report.get("skipped_rows"):
+        lines += ["", f"{report['skipped_rows']} rows of tasks without an adapter were not scored."]
+    if plot_confusion(os.path.join(out_dir, "confusion.png"), report):
+        lines += ["", "![confusion matrix](confusion.png)"]
+    if plot_margins(os.path.join(out_dir, "margins.png"), report.get("margins", [])):
+        lines += ["", "![score margins](margins.png)"]
+    if report.get("task_scores"):
+        lines += ["", "## Task scores", ""] + scores_table(report["task_scores"])
+    for section in extra_sections or []:
+        lines += ["", section]
+    path = os.path.join(out_dir, "report.md")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,103 @@
+"""Task metrics with a chosen adapter per row: exact match (greedy generation) and multiple-choice accuracy.
+
+Prompts are one user turn of the tokenizer's chat template when it has one (plain text otherwise), exactly as the
+demo adapters were trained (examples/train_demo_adapters.py). Rows follow the routing-dev format:
+{"text", "targets": [...], "choices": [...], "answer": index}.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+MAX_PROMPT_TOKENS = 384
+
+
+def prompt_ids(tokenizer, text: str, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:
+    """Token ids of `text` as one chat user turn plus the assistant header (left-truncated to the budget)."""
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=False)
+        ids = list(ids["input_ids"] if isinstance(ids, dict) else ids)
+    else:
+        ids = tokenizer(text)["input_ids"]
+    return ids[-max_prompt_tokens:]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The token that ends an assistant turn (<|im_end|> for ChatML templates, else EOS)."""
+    token = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
+    return [token if token is not None else tokenizer.eos_token_id]
+
+
+def gold_strings(row: dict) -> list[str]:
+    """Every string accepted by exact match: all non-empty targets and the answer choice."""
+    golds = [t for t in row.get("targets", []) if t.strip()]
+    if "choices" in row:
+        golds.append(row["choices"][row["answer"]])
+    return golds
+
+
+def normalise(text: str) -> str:
+    """First line, stripped, one trailing period removed, case-folded."""
+    line = text.strip().split("\n", 1)[0].strip()
+    return line[:-1].rstrip().casefold() if line.endswith(".") else line.casefold()
+
+
+def left_pad(sequences: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids [B, T] and mask [B, T]."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for i, seq in enumerate(sequences):
+        ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
+        mask[i, width - len(seq):] = 1
+    return ids, mask
+
+
+@torch.no_grad()
+def exact_match(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str], *, batch_size: int = 16,
+                max_new_tokens: int = 24) -> tuple[list[bool], list[str]]:
+    """Greedy generation with `adapter_names[i]` on row i; hit when the normalised first line equals a gold string.
+
+    Returns (hit per row, generated first line per row).
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    hits, outputs = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = list(rows[start:start + batch_size])
+        ids, mask = left_pad([prompt_ids(tokenizer, r["text"]) for r in chunk], pad)
+        generated = model.generate(input_ids=ids, attention_mask=mask, adapter_names=list(
+            adapter_names[start:start + batch_size]), max_new_tokens=max_new_tokens, do_sample=False,
+            pad_token_id=pad)
+        for row, out in zip(chunk, generated[:, ids.shape[1]:], strict=True):
+            text = tokenizer.decode(out, skip_special_tokens=True)
+            outputs.append(text.strip().split("\n", 1)[0])
+            hits.append(normalise(text) in {normalise(g) for g in gold_strings(row)})
+    return hits, outputs
+
+
+@torch.no_grad()
+def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str]) -> list[bool]:
+    """Multiple choice: the gold choice has the highest summed log-likelihood of `choice + end-of-turn` after the
+    prompt (lm-eval-harness "acc", ties to the first), scored with `adapter_names[i]` on row i."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end = end_of_turn_ids(tokenizer)
+    hits = []
+    for row, name in zip(rows, adapter_names, strict=True):
+        prompt = prompt_ids(tokenizer, row["text"])
+        completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]]
+        ids, mask = left_pad([prompt + c for c in completions], pad)  # completions end-aligned  [C, T]
+        keep = max(len(c) for c in completions) + 1
+        logits = model(input_ids=ids, attention_mask=mask, adapter_names=[name] * len(completions),
+                       logits_to_keep=keep).logits  # [C, keep, V]
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)  # predicts the last keep-1 tokens
+        targets = ids[:, -(keep - 1):]  # [C, keep-1]
+        picked = logprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [C, keep-1]
+        live = torch.zeros_like(picked, dtype=torch.bool)
+        for i, c in enumerate(completions):
+            live[i, -len(c):] = True
+        scores = (picked * live).sum(dim=1)  # [C]
+        hits.append(int(scores.argmax()) == row["answer"])
+    return hits

@@ -1,0 +1,71 @@
+"""Evaluation: selection accuracy reports, task metrics (exact match, multiple choice), `ariadne eval`."""
+
+import json
+import os
+
+import torch
+
+from ariadne_hf.cli import main
+from ariadne_hf.evaluation import routing_report, task_scores
+from ariadne_hf.task_metrics import choice_hits, left_pad, prompt_ids
+
+
+def test_routing_report_counts():
+    report = routing_report(["a", "a", "b", "b"], ["a", "b", "b", "__base__"], ["a", "b"])
+    assert report["confusion"] == [[1, 1, 0], [0, 1, 1]]
+    assert report["accuracy"] == {"a": 0.5, "b": 0.5}
+    assert report["micro_accuracy"] == 0.5 and report["macro_accuracy"] == 0.5
+
+
+def test_choice_hits_equal_a_brute_force_log_likelihood(tiny_model):
+    tokenizer = tiny_model.tokenizer
+    row = {"text": "add seven plus three", "choices": ["ten", "seven eight", "moon"], "answer": 0}
+    expected = []
+    for choice in row["choices"]:
+        prompt = prompt_ids(tokenizer, row["text"])
+        completion = tokenizer(choice, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = torch.tensor([prompt + completion])
+        logprobs = torch.log_softmax(tiny_model(input_ids=ids, adapter_names=["math"]).logits[0].float(), -1)
+        expected.append(sum(float(logprobs[len(prompt) + i - 1, t]) for i, t in enumerate(completion)))
+    best = max(range(3), key=lambda i: expected[i])
+    for answer in range(3):
+        assert choice_hits(tiny_model, tokenizer, [{**row, "answer": answer}], ["math"]) == [answer == best]
+
+
+def test_task_scores_routed_oracle_base(tiny_model, tiny_assets):
+    rows = [{"task": n, "text": p, "targets": ["plus"], "choices": ["plus", "moon"], "answer": 0}
+            for n in ("math", "poetry") for p in tiny_assets["test"][n][:3]]
+    oracle = [r["task"] for r in rows]
+    routed = list(oracle)
+    routed[0] = "code"
+    scores = task_scores(tiny_model, rows, routed, oracle, "multiple_choice", progress=False)
+    assert scores["rows"] == 6 and set(scores["per_task"]) == {"math", "poetry"}
+    assert 0.0 <= scores["routed"] <= 1.0 and scores["recovery"] is None or scores["recovery"] >= 0
+    same = task_scores(tiny_model, rows, oracle, oracle, "exact_match", progress=False)
+    assert same["routed"] == same["oracle"]
+
+
+def test_left_pad_aligns_ends():
+    ids, mask = left_pad([[5, 6], [7]], 0)
+    assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
+
+
+def test_eval_cli_writes_a_report(tiny_model, tiny_assets, tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    tiny_model.save_pretrained(bundle)
+    data = tmp_path / "test.jsonl"
+    with open(data, "w") as handle:
+        for name, prompts in tiny_assets["test"].items():
+            for p in prompts:
+                handle.write(json.dumps({"prompt": p, "label": name, "choices": ["plus", "moon"], "answer": 1}) + "\n")
+        handle.write(json.dumps({"prompt": "x", "label": "unknown-task"}) + "\n")
+    out = tmp_path / "report"
+    assert main(["eval", str(bundle), "--data", str(data), "--text-field", "prompt", "--task-field", "label",
+                 "--metric", "multiple_choice", "--max-per-task", "4", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert sum(report["num_prompts"].values()) == 12 and report["skipped_rows"] == 1
+    assert report["macro_accuracy"] >= 0.75
+    assert report["task_scores"]["rows"] == 12
+    assert {"report.md", "confusion.png", "margins.png"} <= set(os.listdir(out))
+    assert "Routed / oracle" in (out / "report.md").read_text()
+    assert "selection accuracy" in capsys.readouterr().out
