@@ -1,0 +1,135 @@
+"""Backend dispatch: explicit argument > env ARIADNE_KERNEL > auto; explicit choices that cannot run raise."""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules (and, ideally, triton) are imported
+
+import logging  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+import pytest  # noqa: E402
+import test_kernels_reference as cases  # noqa: E402
+import torch  # noqa: E402
+
+import ariadne_hf.kernels as kernels  # noqa: E402
+from ariadne_hf.constants import ENV_KERNEL  # noqa: E402
+from ariadne_hf.kernels import embed_pool_distance, incremental_pool_distance, mixture_lora  # noqa: E402
+
+CPU = torch.device("cpu")
+CUDA = torch.device("cuda")
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    monkeypatch.delenv(ENV_KERNEL, raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(kernels, "_logged", set())
+
+
+def test_auto_picks_torch_on_cpu_and_triton_on_cuda(monkeypatch):
+    assert kernels.resolve_backend(CPU) == "torch"
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert kernels.resolve_backend(CUDA) == "triton"
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    assert kernels.resolve_backend(CUDA) == "torch"
+    monkeypatch.setenv(ENV_KERNEL, "auto")
+    assert kernels.resolve_backend(CPU) == "torch"
+
+
+def test_argument_overrides_env_and_env_overrides_auto(monkeypatch):
+    monkeypatch.setenv(ENV_KERNEL, "triton")
+    assert kernels.resolve_backend(CPU) == "triton"  # interpreter is on
+    assert kernels.resolve_backend(CPU, "torch") == "torch"
+    monkeypatch.setenv(ENV_KERNEL, "torch")
+    monkeypatch.setattr(kernels, "triton_available", lambda: True)
+    assert kernels.resolve_backend(CUDA) == "torch"
+    assert kernels.resolve_backend(CPU, "triton") == "triton"
+
+
+def test_unknown_names_raise(monkeypatch):
+    with pytest.raises(ValueError, match="backend"):
+        kernels.resolve_backend(CPU, "cuda")
+    monkeypatch.setenv(ENV_KERNEL, "fast")
+    with pytest.raises(ValueError, match=ENV_KERNEL):
+        kernels.resolve_backend(CPU)
+
+
+def test_explicit_triton_without_interpreter_raises(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1.*backend='torch'"):
+        kernels.resolve_backend(CPU, "triton")
+    monkeypatch.setenv(ENV_KERNEL, "triton")
+    with pytest.raises(RuntimeError, match=f"env {ENV_KERNEL}"):
+        kernels.resolve_backend(CPU)
+    case = cases.make_case(2, 4, 20, 32, 3, 2)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        cases.call(embed_pool_distance, case)
+
+
+def test_explicit_triton_without_triton_raises(monkeypatch):
+    monkeypatch.setattr(kernels, "triton_available", lambda: False)
+    for device in (CPU, CUDA):
+        with pytest.raises(RuntimeError, match=r"triton is not installed.*ariadne_hf\[triton\]"):
+            kernels.resolve_backend(device, "triton")
+
+
+def test_choice_is_logged_once(caplog):
+    with caplog.at_level(logging.INFO, logger="ariadne_hf.kernels"):
+        for _ in range(3):
+            kernels.resolve_backend(CPU, op="embed_pool_distance")
+        kernels.resolve_backend(CPU, "triton", op="embed_pool_distance")
+    messages = [r.getMessage() for r in caplog.records if r.name == "ariadne_hf.kernels"]
+    assert len(messages) == 2
+    assert "torch backend (auto, cpu" in messages[0] and "triton backend (argument" in messages[1]
+
+
+def test_public_functions_route_to_both_backends():
+    cases.triton_interpreter_module("embed_pool_distance")
+    cases.triton_interpreter_module("mixture_lora")
+    case = cases.make_case(3, 5, 20, 32, 6, 3, center=True, seed=1)
+    by_torch = cases.call(embed_pool_distance, case, backend="torch", return_pooled=True)
+    by_triton = cases.call(embed_pool_distance, case, backend="triton", return_pooled=True)
+    assert len(by_torch) == len(by_triton) == 3
+    assert torch.equal(by_torch[1], by_triton[1])
+    state = (torch.zeros(3, 32), torch.zeros(3))
+    scores, best = incremental_pool_distance(case["input_ids"][:, 0], *state, case["embed_weight"], case["centroids"],
+                                             case["centroid_adapter"], 3, backend="triton")
+    assert scores.shape == (3, 3) and best.shape == (3,)
+    x, lora_a, lora_b, scaling, idx, weights = cases.make_lora(4, 16, 16, 3, 16, 2)
+    torch.testing.assert_close(mixture_lora(x, lora_a, lora_b, scaling, idx, weights, backend="triton"),
+                               mixture_lora(x, lora_a, lora_b, scaling, idx, weights, backend="torch"))
+
+
+def test_package_attributes_stay_functions_after_submodule_import():
+    import importlib
+
+    importlib.import_module("ariadne_hf.kernels.embed_pool_distance")
+    importlib.import_module("ariadne_hf.kernels.mixture_lora")
+    assert callable(kernels.embed_pool_distance) and callable(kernels.mixture_lora)
+    from ariadne_hf.kernels import embed_pool_distance as again
+
+    assert again is embed_pool_distance
+
+
+def test_torch_path_works_without_triton():
+    """triton is an optional extra: with it unimportable, the package and the torch path still work."""
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch\n"
+        "import ariadne_hf.kernels as k\n"
+        "s, b = k.embed_pool_distance(torch.tensor([[1, 2]]), torch.ones(1, 2), torch.randn(5, 8), torch.randn(3, 8),"
+        " torch.tensor([0, 1, 1]), 2)\n"
+        "assert b.shape == (1,) and not k.triton_available()\n"
+        "try:\n"
+        "    k.embed_pool_distance(torch.tensor([[1]]), torch.ones(1, 1), torch.randn(5, 8), torch.randn(3, 8),"
+        " torch.tensor([0, 1, 1]), 2, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'not installed' in str(e)\n"
+        "else:\n"
+        "    raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != ENV_KERNEL}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
