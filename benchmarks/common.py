@@ -29,8 +29,12 @@ def tiny_backbone_dir(root: str) -> str:
     return save_backbone(os.path.join(root, "tiny-backbone"))
 
 
-def random_adapters(backbone_dir: str, names: list[str], root: str, rank: int = 8) -> dict[str, str]:
-    """LoRA adapters with random (non-zero) weights on q/k/v/o, saved as PEFT folders; returns name -> folder."""
+def random_adapters(backbone_dir: str, names: list[str], root: str, rank: int = 8,
+                    uniform: bool = False) -> dict[str, str]:
+    """LoRA adapters with random (non-zero) weights, saved as PEFT folders; returns name -> folder.
+
+    Targets alternate between q/k/v/o and q/v, unless `uniform` (all q/k/v/o: what PEFT's
+    add_weighted_adapter(..., "linear") requires)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -38,7 +42,7 @@ def random_adapters(backbone_dir: str, names: list[str], root: str, rank: int = 
     for index, name in enumerate(names):
         torch.manual_seed(index)
         base = AutoModelForCausalLM.from_pretrained(backbone_dir)
-        targets = ["q_proj", "v_proj"] if index % 2 else ["q_proj", "k_proj", "v_proj", "o_proj"]
+        targets = ["q_proj", "v_proj"] if index % 2 and not uniform else ["q_proj", "k_proj", "v_proj", "o_proj"]
         model = get_peft_model(base, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
                                                 init_lora_weights=False))
         folders[name] = os.path.join(root, "adapters", name)

@@ -1,0 +1,129 @@
+"""Decoding cost of dynamic adapters, ms per generated token, all paths measured side by side in one run.
+
+SmolLM2-135M-Instruct (or the tiny random Llama), 8 random LoRA adapters (rank 8), batch 1 and 8, 64 new tokens,
+greedy. Per token = (time(64 new tokens) - time(1 new token)) / 63, so prefill is excluded.
+Paths:
+  backbone alone | one adapter (PEFT) | PEFT mixed batch (adapter_names) | ours: sequence routing (peft and stacked
+  backends) | ours: token routing, reroute_every 1/2 x top_k 1/2/4 | naive per-token baseline: re-route the context,
+  add_weighted_adapter(..., "linear") into a fresh adapter and set_adapter it every step (the paper's code path;
+  per row, since a merged adapter is global).
+Ratios are against "one adapter (PEFT)". Goals (AdaFuse): token routing <= 1.3x, sequence routing <= 1.1x.
+
+    python benchmarks/bench_decode.py [--model smollm2|tiny] [--batches 1 8] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import torch
+from common import dev_prompts, random_adapters, tiny_backbone_dir
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from ariadne_hf import AriadneRoutedModel
+from ariadne_hf.mixing import mixture_from_scores
+
+
+def per_token_ms(run, new_tokens: int) -> float:
+    """(time of `new_tokens` tokens - time of 1 token) / (new_tokens - 1), best of 2, in ms."""
+    def best(n):
+        samples = []
+        for _ in range(2):
+            start = time.perf_counter()
+            run(n)
+            samples.append(time.perf_counter() - start)
+        return min(samples)
+
+    run(2)  # warm-up
+    return 1000 * (best(new_tokens) - best(1)) / (new_tokens - 1)
+
+
+@torch.no_grad()
+def naive_token_routing(model: AriadneRoutedModel, peft: PeftModel, batch: dict, new_tokens: int) -> None:
+    """Per row: every step route the context, merge the top-k adapters with add_weighted_adapter, set it, step."""
+    names = model.adapter_names
+    for row in range(batch["input_ids"].shape[0]):
+        ids = batch["input_ids"][row:row + 1][:, batch["attention_mask"][row].bool()]  # [1, T]
+        past = None
+        step_ids = ids
+        for _ in range(new_tokens):
+            scores = model.route(input_ids=ids).scores
+            idx, w = mixture_from_scores(scores, 2, model.config.routing_temperature)
+            chosen = [names[i] for i in idx[0].tolist() if i >= 0]
+            if chosen:
+                peft.add_weighted_adapter(chosen, w[0, : len(chosen)].tolist(), "mix", combination_type="linear")
+                peft.set_adapter("mix")
+                out = peft(input_ids=step_ids, past_key_values=past, use_cache=True)
+                peft.delete_adapter("mix")
+            else:  # nothing routable yet: the plain backbone
+                with peft.disable_adapter():
+                    out = peft(input_ids=step_ids, past_key_values=past, use_cache=True)
+            past = out.past_key_values
+            step_ids = out.logits[:, -1:].argmax(-1)
+            ids = torch.cat([ids, step_ids], dim=1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--skip-naive", action="store_true")
+    args = parser.parse_args()
+    root = tempfile.mkdtemp()
+    if args.model == "tiny":
+        backbone_dir = tiny_backbone_dir(root)
+    else:
+        from ariadne_hf.default_backbone import default_backbone_path
+
+        backbone_dir = default_backbone_path()
+    train, test = dev_prompts(8, 40, 8)
+    adapters = random_adapters(backbone_dir, list(train), root, uniform=True)
+    model = AriadneRoutedModel.from_adapters(backbone_dir, adapters, train, num_centroids=4, progress=False)
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).eval()
+    one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir), adapters[model.adapter_names[0]]).eval()
+    tokenizer = model.tokenizer
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    prompts = [p[:200] for items in test.values() for p in items]
+    print(f"{args.model}: {len(adapters)} adapters (rank 8), {torch.get_num_threads()} threads, "
+          f"ms per generated token (prefill excluded); ratio vs one adapter (PEFT)")
+    for batch_size in args.batches:
+        picks = prompts[:: max(1, len(prompts) // batch_size)][:batch_size]
+        batch = tokenizer(picks, return_tensors="pt", padding=True)
+        gen = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+
+        def ours(**kw):
+            return lambda n: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen, **kw)
+
+        routed = model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).adapter_names
+        mixed_names = [model.adapter_names[i % 8] for i in range(batch_size)]
+        paths = {
+            "backbone alone": lambda n: backbone.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
+            "one adapter (PEFT)": lambda n: one.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
+            "PEFT mixed batch": lambda n: model.peft_model.generate(**batch, adapter_names=mixed_names,
+                                                                    max_new_tokens=n, min_new_tokens=n, **gen),
+            "ours sequence (peft)": ours(lora_backend="peft"),
+            "ours sequence (stacked)": ours(lora_backend="stacked"),
+        }
+        for every in (1, 2):
+            for k in (1, 2, 4):
+                paths[f"ours token every={every} top_k={k}"] = ours(routing="token", reroute_every=every,
+                                                                     routing_top_k=k)
+        results = {name: per_token_ms(run, args.new_tokens) for name, run in paths.items()}
+        if not args.skip_naive:
+            start = time.perf_counter()
+            naive_token_routing(model, model.peft_model, batch, 16)
+            results["naive add_weighted_adapter/step"] = 1000 * (time.perf_counter() - start) / 16
+        floor = results["one adapter (PEFT)"]
+        print(f"\n-- batch {batch_size} (prompt {batch['input_ids'].shape[1]} tokens, routed to {sorted(set(routed))})")
+        for name, ms in results.items():
+            print(f"{name:<36} {ms:8.2f} ms/token   x{ms / floor:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
