@@ -365,3 +365,17 @@ def yaml_front_matter(readme: str) -> dict:
 
     assert readme.startswith("---\n")
     return yaml.safe_load(readme.split("---\n", 2)[1])
+
+
+def test_cli_push_and_pull(hub, tmp_path, capsys):
+    from ariadne_hf.cli import main
+
+    bundle, repo_id = make_bundle(tmp_path / "bundle"), new_repo_id()
+    assert main(["push", str(bundle), repo_id, "--message", "first bundle"]) == 0
+    assert repo_id in capsys.readouterr().out
+    target = tmp_path / "pulled"
+    assert main(["pull", repo_id, "--local-dir", str(target)]) == 0
+    assert capsys.readouterr().out.strip() == str(target)
+    assert read_tree(target)["config.json"] == read_tree(bundle)["config.json"]
+    assert main(["pull", "org/does-not-exist"]) == 2
+    assert "org/does-not-exist" in capsys.readouterr().err
