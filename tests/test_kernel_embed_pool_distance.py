@@ -39,6 +39,8 @@ KERNEL_CASES = [
          distance="cosine", empty_rows=(5,)),
     dict(batch=3, tokens=7, dim=576, num_centroids=257, num_adapters=3, dtype="fp16", padding="left", distance="l2",
          token_weights=True),
+    dict(batch=33, tokens=7, dim=123, num_centroids=120, num_adapters=40, dtype="fp32", padding="left",
+         distance="cosine", sorted_groups=True),
 ]
 
 

@@ -66,9 +66,12 @@ def make_mask(lengths: list[int], tokens: int, padding: str) -> torch.Tensor:
 
 def make_case(
     batch, tokens, vocab, dim, num_centroids, num_adapters, *, dtype=torch.float32, padding="right",
-    empty_rows=(), center=False, token_weights=False, seed=0, id_dtype=torch.int64,
+    empty_rows=(), center=False, token_weights=False, seed=0, id_dtype=torch.int64, sorted_groups=False,
 ):
-    """A routing problem with random shapes; masked-out positions hold ids outside [0, V) (must never be read)."""
+    """A routing problem with random shapes; masked-out positions hold ids outside [0, V) (must never be read).
+
+    ``sorted_groups``: centroids sorted by adapter in equal groups (as the router builds them; K % A == 0).
+    """
     g = torch.Generator().manual_seed(seed)
     if padding == "none":
         lengths = [tokens] * batch
@@ -84,6 +87,8 @@ def make_case(
     centroids = torch.randn(num_centroids, dim, generator=g) * 0.3
     centroids += torch.randn(1, dim, generator=g)
     c2a = torch.randint(0, num_adapters, (num_centroids,), generator=g)
+    if sorted_groups:
+        c2a = torch.arange(num_adapters).repeat_interleave(num_centroids // num_adapters)
     return {
         "input_ids": ids,
         "attention_mask": mask,
@@ -192,6 +197,7 @@ REF_CASES = [
     dict(batch=4, tokens=12, vocab=40, dim=48, num_centroids=9, num_adapters=4, token_weights=True, padding="none"),
     dict(batch=6, tokens=9, vocab=33, dim=40, num_centroids=7, num_adapters=5, token_weights=True, center=True,
          empty_rows=(0, 5), id_dtype=torch.int32),
+    dict(batch=5, tokens=11, vocab=60, dim=32, num_centroids=24, num_adapters=6, sorted_groups=True, empty_rows=(2,)),
 ]
 
 

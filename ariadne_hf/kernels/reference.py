@@ -203,13 +203,13 @@ def centroid_similarity_ref(x: torch.Tensor, centroids: torch.Tensor, distance: 
     """
     c = centroids if centroids.dtype == torch.float32 else centroids.to(torch.float32)  # [K, D]
     dots = x @ c.T  # [B, K]
-    c_sq = c.pow(2).sum(dim=-1) if c.shape[0] else c.new_zeros(0)  # [K]
-    x_sq = x.pow(2).sum(dim=-1, keepdim=True)  # [B, 1]
+    c_norm = torch.linalg.vector_norm(c, dim=-1)  # [K], a reduction: no [K, D] temporary
+    x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, 1]
     if distance == "cosine":
-        denom = x_sq.sqrt().clamp_min(EPS) * c_sq.sqrt().clamp_min(EPS).unsqueeze(0)  # [B, K]
-        return dots / denom
+        return dots.div_(x_norm.clamp_min(EPS)).div_(c_norm.clamp_min(EPS).unsqueeze(0))
     if distance == "l2":
-        return (x_sq - 2.0 * dots + c_sq.unsqueeze(0)).clamp_min(0.0).sqrt().neg()
+        sq = dots.mul_(-2.0).add_(x_norm.square()).add_(c_norm.square().unsqueeze(0))  # [B, K]
+        return sq.clamp_min_(0.0).sqrt_().neg_()
     raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
 
 
@@ -219,13 +219,19 @@ def adapter_max_ref(
     """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim[b, k]; best[b] = first argmax, -1 if no finite score.
 
     ``sim`` [B, K] fp32, ``centroid_adapter`` [K] int, ``has_weight`` [B] bool (False rows: all -inf).
-    One ``scatter_reduce(amax)``, no Python loop. Returns (scores [B, A] fp32, best [B] int64).
+    One ``scatter_reduce(amax)`` (a reshape + ``amax`` when centroids are sorted by adapter in equal groups,
+    as the router builds them), no Python loop. Returns (scores [B, A] fp32, best [B] int64).
     """
-    batch = sim.shape[0]
-    scores = torch.full((batch, num_adapters), float("-inf"), dtype=torch.float32, device=sim.device)  # [B, A]
-    if sim.shape[1]:
-        index = centroid_adapter.to(device=sim.device, dtype=torch.int64).unsqueeze(0).expand(batch, -1)  # [B, K]
-        scores = scores.scatter_reduce(1, index, sim, reduce="amax", include_self=True)
+    batch, num_centroids = sim.shape
+    group = num_centroids // num_adapters if num_centroids % num_adapters == 0 else 0
+    c2a = centroid_adapter.to(device=sim.device, dtype=torch.int64)  # [K]
+    if group and torch.equal(c2a, torch.arange(num_adapters, device=sim.device).repeat_interleave(group)):
+        scores = sim.view(batch, num_adapters, group).amax(dim=-1)  # sorted, equal groups: a reshape
+    else:
+        scores = torch.full((batch, num_adapters), float("-inf"), dtype=torch.float32, device=sim.device)  # [B, A]
+        if num_centroids:
+            index = c2a.unsqueeze(0).expand(batch, -1)  # [B, K]
+            scores = scores.scatter_reduce(1, index, sim, reduce="amax", include_self=True)
     scores = scores.masked_fill(~has_weight.unsqueeze(-1), float("-inf"))
     top, best = scores.max(dim=-1)  # [B], [B]; max returns the first maximal index
     best = torch.where(top > float("-inf"), best, torch.full_like(best, -1))
