@@ -399,7 +399,7 @@ def oracle_mixture(x, lora_a, lora_b, scaling, idx, weights):
 MIX_TOL = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1e-2, 1e-2)}
 
 
-@pytest.mark.parametrize("strategy", [None, "gather", "grouped"])
+@pytest.mark.parametrize("strategy", [None, "gather", "grouped", "dense"])
 @pytest.mark.parametrize(
     "n, k, dtype",
     [(1, 1, "fp32"), (5, 2, "fp32"), (37, 4, "fp32"), (33, 1, "bf16"), (9, 2, "fp16"), (70, 2, "bf16")],
@@ -417,7 +417,7 @@ def test_mixture_reference_rows_without_adapters_are_zero():
     x, lora_a, lora_b, scaling, idx, weights = make_lora(6, 16, 16, 3, 4, 2, seed=3)
     idx[2] = -1
     weights[4] = 0.0
-    for strategy in ("gather", "grouped"):
+    for strategy in ("gather", "grouped", "dense"):
         delta = mixture_lora_ref(x, lora_a, lora_b, scaling, idx, weights, strategy=strategy)
         assert (delta[2] == 0).all() and (delta[4] == 0).all()
 
@@ -441,3 +441,13 @@ def test_dense_to_topk():
     torch.testing.assert_close(mixture_lora_ref(x, lora_a, lora_b, scaling, dense_idx, dense_w),
                                oracle_mixture(x, lora_a, lora_b, scaling, dense_idx, dense_w).float(),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_mixture_reference_duplicate_slots_add_up():
+    """The same adapter twice in a row's top-k contributes twice (the delta is linear in the weights)."""
+    x, lora_a, lora_b, scaling, idx, weights = make_lora(4, 16, 12, 3, 4, 2, seed=6, minus_one=0.0)
+    idx[0] = torch.tensor([1, 1])
+    expected = oracle_mixture(x, lora_a, lora_b, scaling, idx, weights)
+    for strategy in ("gather", "grouped", "dense"):
+        delta = mixture_lora_ref(x, lora_a, lora_b, scaling, idx, weights, strategy=strategy)
+        torch.testing.assert_close(delta.double(), expected, rtol=1e-5, atol=1e-5)

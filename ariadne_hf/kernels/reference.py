@@ -382,7 +382,7 @@ def incremental_pool_update_ref(
 # Weighted multi-LoRA delta
 # --------------------------------------------------------------------------------------------------
 
-MIXTURE_STRATEGIES = ("gather", "grouped")
+MIXTURE_STRATEGIES = ("gather", "grouped", "dense")
 
 
 def check_mixture_lora_args(
@@ -475,6 +475,37 @@ def _mixture_grouped(x32, lora_A, lora_B, safe, coef) -> torch.Tensor:
     return out
 
 
+def _mixture_dense(x32, lora_A, lora_B, safe, coef) -> torch.Tensor:
+    """Dense strategy: shrink by ALL adapters in one matmul, weight per (row, adapter), expand in one matmul.
+
+    Cost ~ N*A*R*(IN+OUT) flops whatever k: wins when most adapters are used by most rows.
+    """
+    n = safe.shape[0]
+    adapters, rank, in_features = lora_A.shape
+    dense = torch.zeros(n, adapters, dtype=torch.float32, device=x32.device).scatter_add_(1, safe, coef)  # [N, A]
+    h = x32 @ lora_A.reshape(adapters * rank, in_features).to(torch.float32).T  # [N, A*R]
+    h = (h.view(n, adapters, rank) * dense.unsqueeze(-1)).view(n, adapters * rank)  # [N, A*R]
+    b_stack = lora_B.to(torch.float32).permute(1, 0, 2).reshape(-1, adapters * rank)  # [OUT, A*R]
+    return h @ b_stack.T  # [N, OUT]
+
+
+def pick_mixture_strategy(n: int, k: int, adapters: int, unique: int, rank: int, in_features: int,
+                          out_features: int) -> str:
+    """Cheapest torch strategy by a cost model fitted on a 2-core AVX-512 CPU (benchmarks/bench_mixture_lora.py).
+
+    Units of ~0.4 ns; ``el`` = elements of one adapter's A and B. ``gather`` copies every (row, slot)
+    adapter (~4 units/element), ``grouped`` pays ~35 us per unique adapter plus its weights plus 2x the
+    row flops (row gathers and ``index_add``), ``dense`` reads every adapter and does N*A*el MACs.
+    """
+    el = rank * (in_features + out_features)
+    flop = el / 12.0  # one row x one adapter, both matmuls, in units
+    gather = 4.0 * n * k * el
+    grouped = unique * (87_500 + el) + (1.0 if k == 1 and unique == 1 else 2.0) * n * k * flop
+    dense = adapters * el + n * adapters * flop
+    costs = {"gather": gather, "grouped": grouped, "dense": dense}
+    return min(costs, key=costs.get)
+
+
 def mixture_lora_ref(
     x: torch.Tensor,
     lora_A: torch.Tensor,
@@ -490,10 +521,10 @@ def mixture_lora_ref(
     ``x`` [N, IN], ``lora_A`` [A, R, IN], ``lora_B`` [A, OUT, R] (ranks zero-padded to R; an adapter that
     does not target the module has all-zero A/B), ``scaling`` [A], ``topk_indices`` [N, k] int in [-1, A),
     ``topk_weights`` [N, k]. Returns delta [N, OUT] in x's dtype; products and sums in fp32 (x, A, B
-    upcast; no half-precision matmul). No Python loop over rows: ``strategy`` "gather" (bmm over
-    gathered per-row weights: decode, few rows) or "grouped" (a matmul pair per unique adapter: prefill);
-    None picks "gather" when the gathered weights are no bigger than x plus one pass per adapter
-    (``N*k <= 2 * unique adapters`` or N <= 16), else "grouped".
+    upcast; no half-precision matmul). No Python loop over rows. ``strategy``: "gather" (bmm over the
+    gathered per-row weights: a single row), "grouped" (one matmul pair per UNIQUE adapter present, rows
+    gathered: prefill, k << A), "dense" (shrink by all adapters in one matmul, weight, expand in one
+    matmul: k close to A, or small N with few adapters); None picks by ``pick_mixture_strategy``.
     """
     check_mixture_lora_args(x, lora_A, lora_B, scaling, topk_indices, topk_weights)
     n, k = topk_indices.shape
@@ -503,11 +534,14 @@ def mixture_lora_ref(
     safe, coef = _mixture_coefficients(scaling, topk_indices, topk_weights)  # [N, k], [N, k]
     x32 = x if x.dtype == torch.float32 else x.to(torch.float32)  # [N, IN]
     if strategy is None:
-        strategy = "gather" if n <= 16 else "grouped"
+        unique = int(torch.unique(topk_indices[topk_indices >= 0]).numel())
+        strategy = pick_mixture_strategy(n, k, lora_A.shape[0], unique, lora_A.shape[1], x.shape[1], out_features)
     if strategy == "gather":
         out = _mixture_gather(x32, lora_A, lora_B, safe, coef)
     elif strategy == "grouped":
         out = _mixture_grouped(x32, lora_A, lora_B, safe, coef)
+    elif strategy == "dense":
+        out = _mixture_dense(x32, lora_A, lora_B, safe, coef)
     else:
         raise ValueError(f"strategy must be one of {MIXTURE_STRATEGIES} or None, got {strategy!r}")
     return out.to(x.dtype)
