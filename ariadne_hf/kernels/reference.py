@@ -494,14 +494,15 @@ def pick_mixture_strategy(n: int, k: int, adapters: int, unique: int, rank: int,
     """Cheapest torch strategy by a cost model fitted on a 2-core AVX-512 CPU (benchmarks/bench_mixture_lora.py).
 
     Units of ~0.4 ns; ``el`` = elements of one adapter's A and B. ``gather`` copies every (row, slot)
-    adapter (~4 units/element), ``grouped`` pays ~35 us per unique adapter plus its weights plus 2x the
-    row flops (row gathers and ``index_add``), ``dense`` reads every adapter and does N*A*el MACs.
+    adapter (~4 units/element), ``grouped`` pays ~35 us per unique adapter plus its weights plus 2.5x the
+    row flops (row gathers and ``index_add``; 1x for one adapter on every row), ``dense`` copies every
+    adapter (~3 units/element: upcast + the [OUT, A*R] layout of B) and does N*A*el MACs.
     """
     el = rank * (in_features + out_features)
     flop = el / 12.0  # one row x one adapter, both matmuls, in units
     gather = 4.0 * n * k * el
-    grouped = unique * (87_500 + el) + (1.0 if k == 1 and unique == 1 else 2.0) * n * k * flop
-    dense = adapters * el + n * adapters * flop
+    grouped = unique * (87_500 + el) + (1.0 if k == 1 and unique == 1 else 2.5) * n * k * flop
+    dense = 3.0 * adapters * el + n * adapters * flop
     costs = {"gather": gather, "grouped": grouped, "dense": dense}
     return min(costs, key=costs.get)
 
