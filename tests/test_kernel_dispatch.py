@@ -133,3 +133,62 @@ def test_torch_path_works_without_triton():
     env = {k: v for k, v in os.environ.items() if k != ENV_KERNEL}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+
+
+CUDA_COMPILE_SCRIPT = r'''
+import importlib, os
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+
+def compile_kernel(fn, ptr_types, constexprs, num_warps=4):
+    names = fn.arg_names
+    sig = {n: ptr_types.get(n, "constexpr" if n in constexprs else "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": num_warps})
+    assert compiled.asm.get("cubin"), "no cubin"
+
+
+epd = importlib.import_module("ariadne_hf.kernels.embed_pool_distance")
+mix = importlib.import_module("ariadne_hf.kernels.mixture_lora")
+assert not epd.INTERPRETED and not mix.INTERPRETED
+for table, ids, flag in [("bf16", "i64", True), ("fp32", "i32", False), ("fp16", "i64", True)]:
+    ptrs = dict(ids_ptr=f"*{ids}", mask_ptr="*u8", emb_ptr=f"*{table}", tokw_ptr="*fp32", center_ptr="*fp32",
+                cent_ptr="*fp32", c2a_ptr="*i32", pooled_ptr="*fp32", wsum_ptr="*fp32", scores_ptr="*fp32",
+                best_ptr="*i64", sync_ptr="*i32")
+    compile_kernel(epd._embed_pool_distance_kernel, ptrs,
+                   dict(HAS_TOKW=flag, HAS_CENTER=flag, IS_COSINE=flag, **epd.GPU_BLOCKS))
+    blocks = {k: v for k, v in epd.GPU_BLOCKS.items() if k != "BLOCK_T"}
+    ptrs = dict(new_ids_ptr=f"*{ids}", new_mask_ptr="*u8", emb_ptr=f"*{table}", tokw_ptr="*fp32",
+                center_ptr="*fp32", cent_ptr="*fp32", c2a_ptr="*i32", sum_ptr="*fp32", wsum_ptr="*fp32",
+                pooled_ptr="*fp32", scores_ptr="*fp32", best_ptr="*i64", sync_ptr="*i32")
+    compile_kernel(epd._incremental_pool_distance_kernel, ptrs,
+                   dict(HAS_MASK=flag, HAS_TOKW=flag, HAS_CENTER=flag, IS_COSINE=not flag, **blocks))
+for dtype, n, k in [("bf16", 1, 2), ("fp32", 256, 1), ("fp16", 8, 4)]:
+    blocks = mix.default_blocks(n, 2048, 2048, 16, k, torch.device("cuda"))
+    num_warps = blocks.pop("num_warps")
+    ptrs = dict(x_ptr=f"*{dtype}", a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", scaling_ptr="*fp32", idx_ptr="*i64",
+                w_ptr="*fp32", out_ptr=f"*{dtype}")
+    compile_kernel(mix._mixture_lora_kernel, ptrs, blocks, num_warps=num_warps)
+print("compiled")
+'''
+
+
+def test_kernels_compile_for_cuda_sm80(tmp_path):
+    """Without a GPU, compile every kernel variant ahead of time for sm_80 down to a cubin (triton's ptxas).
+
+    Catches what the interpreter accepts but a GPU rejects (block shapes, types, unsupported ops).
+    """
+    triton = pytest.importorskip("triton")
+    ptxas = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+    if not os.path.exists(ptxas):
+        pytest.skip("triton ships no ptxas here")
+    script = tmp_path / "compile_kernels.py"
+    script.write_text(CUDA_COMPILE_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0 and "compiled" in result.stdout, result.stderr[-3000:]

@@ -64,10 +64,11 @@ def test_mixture_kernel_small_blocks_and_out_splits(kernels, dtype):
         _assert_close(got, ref)
 
 
-def test_mixture_kernel_all_minus_one_and_zero_weights(kernels):
+def test_mixture_kernel_minus_one_zero_weights_and_duplicates(kernels):
     x, lora_a, lora_b, scaling, idx, weights = cases.make_lora(6, 32, 32, 3, 16, 2, seed=8, minus_one=0.0)
     idx[1] = -1
     weights[2] = 0.0
+    idx[3] = torch.tensor([2, 2])  # the same adapter twice adds up
     got = mixture_lora(x, lora_a, lora_b, scaling, idx, weights, backend="triton")
     assert (got[1] == 0).all() and (got[2] == 0).all()
     _assert_close(got, mixture_lora_ref(x, lora_a, lora_b, scaling, idx, weights))
