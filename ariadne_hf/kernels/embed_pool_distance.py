@@ -25,8 +25,9 @@ items, the others *scoring* items:
 Why tickets: a scoring program only waits for pooling tickets, and a ticket is only taken by a program
 that is already running; pooling programs never wait. So the wait always ends on a GPU whatever the
 scheduling order, and in the sequential interpreter tickets equal program ids (pooling runs first).
-Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items and the centroid table is read
-``cdiv(B, BLOCK_B)`` times (once for B <= 16), tiled for ``tl.dot``.
+Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items. Scoring items are ordered with the row block
+varying fastest, so the ``cdiv(B, BLOCK_B)`` programs reading the same centroid tile run together and
+share it through L2: the centroid table comes from DRAM about once.
 """
 
 from __future__ import annotations
@@ -146,8 +147,9 @@ def _score_tile(
 ):
     """atomic_max(scores[b, c2a[k]], sim(pooled[b] - center, C[k])) over a BLOCK_B x BLOCK_K tile; last one finalizes best."""
     n_kt = tl.cdiv(K, BLOCK_K)
-    rb = item // n_kt
-    kt = item % n_kt
+    n_rb = tl.cdiv(B, BLOCK_B)
+    rb = item % n_rb  # row blocks vary fastest: programs running together share a centroid tile (L2)
+    kt = item // n_rb
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
     row_ok = rows < B
     rows64 = rows.to(tl.int64)
@@ -360,7 +362,7 @@ def embed_pool_distance_triton(
     masked-in tokens (n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem)
     and the map (K*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled). Expected time ~ those bytes /
     memory bandwidth: the kernel reads each needed table row once per D tile (no upcast copy), and the
-    centroids ``cdiv(B, BLOCK_B)`` times (once for B <= BLOCK_B). The only extra traffic is the pooled
+    centroids about once (the ``cdiv(B, BLOCK_B)`` row blocks of a centroid tile are scheduled together). The only extra traffic is the pooled
     scratch (B*D*4 written once, re-read per k-tile: tiny next to K*D).
 
     Checks before launch (``ValueError``): ranks/shapes/dtypes, one device, last-dim contiguity of the
