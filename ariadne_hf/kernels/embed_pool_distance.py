@@ -361,9 +361,12 @@ def embed_pool_distance_triton(
     Bytes it must touch (the memory floor): the ids and mask (B*T each), the embedding rows of the
     masked-in tokens (n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem)
     and the map (K*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled). Expected time ~ those bytes /
-    memory bandwidth: the kernel reads each needed table row once per D tile (no upcast copy), and the
-    centroids about once (the ``cdiv(B, BLOCK_B)`` row blocks of a centroid tile are scheduled together). The only extra traffic is the pooled
-    scratch (B*D*4 written once, re-read per k-tile: tiny next to K*D).
+    memory bandwidth: the kernel reads each needed table row once per D tile (no upcast copy) and the
+    centroids about once from DRAM (the ``cdiv(B, BLOCK_B)`` row blocks of a centroid tile are scheduled
+    together and share it through L2). The only extra traffic is the pooled scratch (B*D*4 written once,
+    re-read per k-tile from L2) and the B*K ``atomic_max`` updates. On a GPU, with B <= 64, the distance
+    step is memory-bound (8 flop per centroid byte with BLOCK_B = 16), so the floor is those bytes / HBM
+    bandwidth. One host sync: the id range check (and the centroid map check).
 
     Checks before launch (``ValueError``): ranks/shapes/dtypes, one device, last-dim contiguity of the
     table and centroids (never copied), centroid_adapter in [0, A), and every id at a masked-in position
