@@ -118,13 +118,12 @@ def _check_batch_args(input_ids: torch.Tensor, attention_mask: torch.Tensor, emb
 def _sum_rows_fp32(
     embed_weight: torch.Tensor,
     flat_ids: torch.Tensor,
-    row_of_token: torch.Tensor,
+    lengths: torch.Tensor,
     flat_weights: torch.Tensor | None,
-    batch: int,
 ) -> torch.Tensor:
-    """Semantics: out[b] = sum_{n: row_of_token[n]=b} w[n] * E[flat_ids[n]] in fp32 (w = 1 if None).
+    """Semantics: out[b] = sum of w[n] * E[flat_ids[n]] over row b's ``lengths[b]`` tokens, in fp32 (w = 1 if None).
 
-    ``flat_ids`` [N] are sorted by row (``row_of_token`` [N] non-decreasing). fp32 tables go through one
+    ``flat_ids`` [N] hold the rows' tokens one row after the other (``lengths`` [B]). fp32 tables go through one
     ``F.embedding_bag`` call straight from the table. Half tables are gathered in chunks of about
     ``_HALF_CHUNK_ELEMENTS`` elements, each chunk upcast into a reused fp32 buffer and reduced by
     ``embedding_bag``: the table is never upcast whole, no ``[B, T, D]`` fp32 tensor exists, and the
@@ -132,10 +131,11 @@ def _sum_rows_fp32(
     """
     dim = embed_weight.shape[1]
     device = embed_weight.device
-    lengths = torch.bincount(row_of_token, minlength=batch)  # [B]
+    batch = lengths.shape[0]
     if embed_weight.dtype == torch.float32:
         offsets = lengths.cumsum(0) - lengths  # [B]
         return F.embedding_bag(flat_ids, embed_weight, offsets, mode="sum", per_sample_weights=flat_weights)
+    row_of_token = torch.repeat_interleave(torch.arange(batch, device=device), lengths)  # [N]
     out = torch.zeros(batch, dim, dtype=torch.float32, device=device)  # [B, D]
     total = flat_ids.numel()
     chunk = max(1, _HALF_CHUNK_ELEMENTS // max(dim, 1))
@@ -170,7 +170,6 @@ def pool_embeddings_ref(
     masked-in position.
     """
     _check_batch_args(input_ids, attention_mask, embed_weight)
-    batch = input_ids.shape[0]
     keep = attention_mask != 0  # [B, T]
     check_token_ids_in_range(input_ids, keep, embed_weight.shape[0])
     safe_ids = torch.where(keep, input_ids, torch.zeros_like(input_ids)).long()  # [B, T]
@@ -183,8 +182,7 @@ def pool_embeddings_ref(
         weight_sum = weights.sum(dim=1)  # [B]
         flat_weights = weights[keep]  # [N]
     flat_ids = safe_ids[keep]  # [N], row-major: grouped by row
-    row_of_token = keep.nonzero()[:, 0]  # [N]
-    summed = _sum_rows_fp32(embed_weight, flat_ids, row_of_token, flat_weights, batch)  # [B, D]
+    summed = _sum_rows_fp32(embed_weight, flat_ids, keep.sum(dim=1), flat_weights)  # [B, D]
     has_weight = weight_sum != 0  # [B]
     pooled = summed / torch.where(has_weight, weight_sum, torch.ones_like(weight_sum)).unsqueeze(-1)
     pooled = pooled.masked_fill(~has_weight.unsqueeze(-1), 0.0)  # [B, D]
