@@ -1,8 +1,9 @@
 """Fused Triton routing kernels: embedding gather -> masked (weighted) mean -> distances -> per-adapter max.
 
 Importing this module imports triton; the dispatcher in ``ariadne_hf.kernels`` imports it lazily.
-``TRITON_INTERPRET=1`` must be set before this module is first imported for the kernels to run on CPU
-tensors (Triton's interpreter); ``INTERPRETED`` records what was in effect.
+To run the kernels on CPU tensors (Triton's interpreter) set ``TRITON_INTERPRET=1`` before triton itself
+is first imported (triton's own ``tl.sum``/``tl.zeros``... are created then) and before this module is
+imported (``INTERPRETED`` records what was in effect for the kernels below).
 
 Design (one launch, two phases, work claimed by ticket)
 --------------------------------------------------------
@@ -48,8 +49,9 @@ from .reference import (
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 """Whether the kernels below were created for Triton's interpreter (CPU tensors)."""
 
-GPU_BLOCKS = {"BLOCK_T": 32, "BLOCK_DP": 128, "BLOCK_B": 16, "BLOCK_K": 64, "BLOCK_D": 64, "BLOCK_A": 256}
-"""Default block sizes on a GPU (powers of two >= 16; registers per tile <= 4096 fp32)."""
+GPU_BLOCKS = {"BLOCK_T": 32, "BLOCK_DP": 128, "BLOCK_B": 16, "BLOCK_K": 64, "BLOCK_D": 32, "BLOCK_A": 256}
+"""Default block sizes on a GPU (powers of two >= 16). Compiled for sm_80 (4 warps) both kernels use 168
+registers and no spills (BLOCK_D = 64 needs 255); picked without a GPU to time them: tune on hardware."""
 
 
 # --------------------------------------------------------------------------------------------------

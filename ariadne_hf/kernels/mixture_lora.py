@@ -1,7 +1,8 @@
 """Fused weighted multi-LoRA delta in one Triton launch per layer (punica/S-LoRA bgmv style).
 
 Importing this module imports triton; ``ariadne_hf.kernels.mixture_lora`` (the dispatcher) imports it lazily.
-``TRITON_INTERPRET=1`` must be set before this module is first imported for CPU tensors (``INTERPRETED``).
+For CPU tensors (Triton's interpreter) set ``TRITON_INTERPRET=1`` before triton itself is first imported
+and before this module is imported (``INTERPRETED``).
 
 Design: program ``(row tile, out split)`` owns ``BLOCK_N`` rows. The k selected adapters of a row and
 their ranks are laid out along ONE axis ``jr = j * BLOCK_R + r`` (``JR = KP * BLOCK_R`` lanes, KP = next
