@@ -482,25 +482,27 @@ def _mixture_dense(x32, lora_A, lora_B, safe, coef) -> torch.Tensor:
     adapters, rank, in_features = lora_A.shape
     dense = torch.zeros(n, adapters, dtype=torch.float32, device=x32.device).scatter_add_(1, safe, coef)  # [N, A]
     h = x32 @ lora_A.reshape(adapters * rank, in_features).to(torch.float32).T  # [N, A*R]
-    h = (h.view(n, adapters, rank) * dense.unsqueeze(-1)).view(n, adapters * rank)  # [N, A*R]
+    h = h.view(n, adapters, rank) * dense.unsqueeze(-1)  # [N, A, R]
+    if n * adapters * lora_B.shape[1] <= (1 << 20):  # bmm + sum over A: no relayout of B, small temporary
+        return torch.bmm(h.transpose(0, 1), lora_B.to(torch.float32).transpose(1, 2)).sum(dim=0)  # [N, OUT]
     b_stack = lora_B.to(torch.float32).permute(1, 0, 2).reshape(-1, adapters * rank)  # [OUT, A*R]
-    return h @ b_stack.T  # [N, OUT]
+    return h.reshape(n, adapters * rank) @ b_stack.T  # [N, OUT]
 
 
 def pick_mixture_strategy(n: int, k: int, adapters: int, unique: int, rank: int, in_features: int,
-                          out_features: int) -> str:
+                          out_features: int, half_weights: bool = False) -> str:
     """Cheapest torch strategy by a cost model fitted on a 2-core AVX-512 CPU (benchmarks/bench_mixture_lora.py).
 
-    Units of ~0.4 ns; ``el`` = elements of one adapter's A and B. ``gather`` copies every (row, slot)
-    adapter (~4 units/element), ``grouped`` pays ~35 us per unique adapter plus its weights plus 2.5x the
-    row flops (row gathers and ``index_add``; 1x for one adapter on every row), ``dense`` copies every
-    adapter (~3 units/element: upcast + the [OUT, A*R] layout of B) and does N*A*el MACs.
+    Units of ~0.4 ns; ``el`` = elements of one adapter's A and B, ``flop`` = one row through one adapter.
+    ``gather`` copies every (row, slot) adapter; ``grouped`` pays a fixed ~80 us, ~25 us + the weights per
+    unique adapter, and 1.8x the row flops (row gathers, ``index_add``; 1x for one adapter on every row);
+    ``dense`` reads (upcasts) every adapter once and runs N*A row-adapter products in two matmuls.
     """
     el = rank * (in_features + out_features)
-    flop = el / 12.0  # one row x one adapter, both matmuls, in units
-    gather = 4.0 * n * k * el
-    grouped = unique * (87_500 + el) + (1.0 if k == 1 and unique == 1 else 2.5) * n * k * flop
-    dense = 3.0 * adapters * el + n * adapters * flop
+    flop = el / 12.0
+    gather = 3.2 * n * k * el
+    grouped = 200_000 + unique * (60_000 + el) + (1.0 if k == 1 and unique == 1 else 1.8) * n * k * flop
+    dense = 150_000 + (0.6 if half_weights else 0.3) * adapters * el + 0.8 * n * adapters * flop
     costs = {"gather": gather, "grouped": grouped, "dense": dense}
     return min(costs, key=costs.get)
 
@@ -534,7 +536,8 @@ def mixture_lora_ref(
     x32 = x if x.dtype == torch.float32 else x.to(torch.float32)  # [N, IN]
     if strategy is None:
         unique = int(torch.unique(topk_indices[topk_indices >= 0]).numel())
-        strategy = pick_mixture_strategy(n, k, lora_A.shape[0], unique, lora_A.shape[1], x.shape[1], out_features)
+        strategy = pick_mixture_strategy(n, k, lora_A.shape[0], unique, lora_A.shape[1], x.shape[1], out_features,
+                                         half_weights=lora_A.dtype != torch.float32)
     if strategy == "gather":
         out = _mixture_gather(x32, lora_A, lora_B, safe, coef)
     elif strategy == "grouped":
