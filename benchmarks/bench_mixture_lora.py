@@ -83,8 +83,9 @@ def main() -> None:
             for k in (1, 2, 4):
                 case = make_case(n, k, adapters, rank, features, dtype, device, seed=n * 10 + k)
                 idx = case[4]
-                strategy = pick_mixture_strategy(n, k, adapters, int(torch.unique(idx).numel()), rank, features,
-                                                 features, half_weights=dtype != torch.float32)
+                strategy = "grouped" if k == 1 else pick_mixture_strategy(
+                    n, k, adapters, int(torch.unique(idx).numel()), rank, features, features,
+                    half_weights=dtype != torch.float32)
                 ours = best_time(lambda c=case: mixture_lora(*c, backend="torch"), device, args.repeats)
                 naive = best_time(lambda c=case: naive_mixture(*c), device, args.repeats)
                 err = (mixture_lora(*case, backend="torch").float() - naive_mixture(*case).float()).abs().max()

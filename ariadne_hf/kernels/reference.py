@@ -525,7 +525,8 @@ def mixture_lora_ref(
     upcast; no half-precision matmul). No Python loop over rows. ``strategy``: "gather" (bmm over the
     gathered per-row weights: a single row), "grouped" (one matmul pair per UNIQUE adapter present, rows
     gathered: prefill, k << A), "dense" (shrink by all adapters in one matmul, weight, expand in one
-    matmul: k close to A, or small N with few adapters); None picks by ``pick_mixture_strategy``.
+    matmul: k close to A, or small N with few adapters); None picks "grouped" for k == 1 (a selection:
+    the rows of each adapter go through exactly PEFT's two matmuls) and ``pick_mixture_strategy`` otherwise.
     """
     check_mixture_lora_args(x, lora_A, lora_B, scaling, topk_indices, topk_weights)
     n, k = topk_indices.shape
@@ -534,6 +535,8 @@ def mixture_lora_ref(
         return torch.zeros(n, out_features, dtype=x.dtype, device=x.device)
     safe, coef = _mixture_coefficients(scaling, topk_indices, topk_weights)  # [N, k], [N, k]
     x32 = x if x.dtype == torch.float32 else x.to(torch.float32)  # [N, IN]
+    if strategy is None and k == 1:
+        strategy = "grouped"  # pure selection: PEFT's own computation (a matmul pair per adapter present)
     if strategy is None:
         unique = int(torch.unique(topk_indices[topk_indices >= 0]).numel())
         strategy = pick_mixture_strategy(n, k, lora_A.shape[0], unique, lora_A.shape[1], x.shape[1], out_features,
