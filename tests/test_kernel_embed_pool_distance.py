@@ -158,3 +158,15 @@ def test_incremental_kernel_matches_reference(kernels, distance, blocks):
         assert torch.equal(state_tri[1], state_ref[1])
         cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.float32, distance, ref[0]))
     assert got[1][3] == -1
+
+
+@pytest.mark.parametrize(
+    "tokens, dim, num_centroids, num_adapters",
+    [(600, 8192, 5, 3), (3, 32, 100_000, 10_000)],
+    ids=["T600-D8192", "K100k-A10k"],
+)
+def test_kernel_large_extents(kernels, tokens, dim, num_centroids, num_adapters):
+    """The upper ends of the issue: D = 8192 (loops over D tiles), K = 100k centroids and A = 10k adapters."""
+    case = cases.make_case(2, tokens, 300, dim, num_centroids, num_adapters, dtype=torch.bfloat16, padding="left",
+                           seed=15)
+    _check_against_reference(case, "cosine", torch.bfloat16)
