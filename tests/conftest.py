@@ -6,6 +6,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRITON_INTERPRET", "1")  # Triton kernels run on CPU tensors in the interpreter (set before import)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tiny_models import build_assets  # noqa: E402
