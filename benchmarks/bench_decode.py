@@ -93,36 +93,39 @@ def main() -> None:
     print(f"{args.model}: {len(adapters)} adapters (rank 8), {torch.get_num_threads()} threads, "
           f"ms per generated token (prefill excluded); ratio vs one adapter (PEFT)")
     for batch_size in args.batches:
-        picks = prompts[:: max(1, len(prompts) // batch_size)][:batch_size]
-        batch = tokenizer(picks, return_tensors="pt", padding=True)
-        gen = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+        run_batch(model, backbone, one, tokenizer, prompts, batch_size, args)
 
-        def ours(**kw):
-            return lambda n: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen, **kw)
 
-        routed = model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).adapter_names
-        mixed_names = [model.adapter_names[i % 8] for i in range(batch_size)]
-        paths = {
-            "backbone alone": lambda n: backbone.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
-            "one adapter (PEFT)": lambda n: one.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
-            "PEFT mixed batch": lambda n: model.peft_model.generate(**batch, adapter_names=mixed_names,
-                                                                    max_new_tokens=n, min_new_tokens=n, **gen),
-            "ours sequence (peft)": ours(lora_backend="peft"),
-            "ours sequence (stacked)": ours(lora_backend="stacked"),
-        }
-        for every in (1, 2):
-            for k in (1, 2, 4):
-                paths[f"ours token every={every} top_k={k}"] = ours(routing="token", reroute_every=every,
-                                                                     routing_top_k=k)
-        results = {name: per_token_ms(run, args.new_tokens) for name, run in paths.items()}
-        if not args.skip_naive:
-            start = time.perf_counter()
-            naive_token_routing(model, model.peft_model, batch, 16)
-            results["naive add_weighted_adapter/step"] = 1000 * (time.perf_counter() - start) / 16
-        floor = results["one adapter (PEFT)"]
-        print(f"\n-- batch {batch_size} (prompt {batch['input_ids'].shape[1]} tokens, routed to {sorted(set(routed))})")
-        for name, ms in results.items():
-            print(f"{name:<36} {ms:8.2f} ms/token   x{ms / floor:5.2f}")
+def run_batch(model, backbone, one, tokenizer, prompts, batch_size: int, args) -> None:
+    picks = prompts[:: max(1, len(prompts) // batch_size)][:batch_size]
+    batch = tokenizer(picks, return_tensors="pt", padding=True)
+    gen = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+
+    def ours(**kw):
+        return lambda n: model.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen, **kw)
+
+    routed = model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).adapter_names
+    mixed_names = [model.adapter_names[i % 8] for i in range(batch_size)]
+    paths = {
+        "backbone alone": lambda n: backbone.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
+        "one adapter (PEFT)": lambda n: one.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
+        "PEFT mixed batch": lambda n: model.peft_model.generate(**batch, adapter_names=mixed_names,
+                                                                max_new_tokens=n, min_new_tokens=n, **gen),
+        "ours sequence (peft)": ours(lora_backend="peft"),
+        "ours sequence (stacked)": ours(lora_backend="stacked"),
+    }
+    for every in (1, 2):
+        for k in (1, 2, 4):
+            paths[f"ours token every={every} top_k={k}"] = ours(routing="token", reroute_every=every, routing_top_k=k)
+    results = {name: per_token_ms(run, args.new_tokens) for name, run in paths.items()}
+    if not args.skip_naive:
+        start = time.perf_counter()
+        naive_token_routing(model, model.peft_model, batch, 16)
+        results["naive add_weighted_adapter/step"] = 1000 * (time.perf_counter() - start) / 16
+    floor = results["one adapter (PEFT)"]
+    print(f"\n-- batch {batch_size} (prompt {batch['input_ids'].shape[1]} tokens, routed to {sorted(set(routed))})")
+    for name, ms in results.items():
+        print(f"{name:<36} {ms:8.2f} ms/token   x{ms / floor:5.2f}")
 
 
 if __name__ == "__main__":
