@@ -44,6 +44,8 @@ class AriadneConfig(PreTrainedConfig):
         lora_backend: ``"peft"`` (PEFT's mixed-batch LoRA forward) or ``"stacked"`` (our rank-padded per-row path).
         kernel_backend: routing kernel, ``None`` for automatic (Triton on CUDA, torch otherwise).
         max_prompt_tokens: prompts are truncated to this many tokens when centroids are built.
+        template_prefix_ids, template_suffix_ids: the tokens the chat template puts around one user message; routing
+            ignores them in prompts that carry them exactly (so chat-formatted and raw prompts route alike).
         routing_report: selection accuracy on held-out prompts, when they were given at build time.
         router_sha256: checksum of model.safetensors, verified on load.
     """
@@ -70,6 +72,8 @@ class AriadneConfig(PreTrainedConfig):
     lora_backend: str = "peft"
     kernel_backend: str | None = None
     max_prompt_tokens: int = 512
+    template_prefix_ids: list[int] | None = None
+    template_suffix_ids: list[int] | None = None
     routing_report: dict[str, Any] | None = None
     router_sha256: str | None = None
     bundle_format_version: str = BUNDLE_FORMAT_VERSION

@@ -21,7 +21,13 @@ from .embedding import embed_prompts, load_prompts
 from .generation import generate_batched, generate_grouped
 from .lora_dispatch import LoraPlan, install_plan_hooks, use_plan
 from .mixing import MixturePlan, TokenRoutingState, validate_adapter_weights
-from .router import AriadneRouter, RoutingDecision, embedding_fingerprint
+from .router import (
+    AriadneRouter,
+    RoutingDecision,
+    chat_template_affixes,
+    embedding_fingerprint,
+    strip_template,
+)
 
 _UNSET: Any = object()
 
@@ -144,6 +150,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             **config_kwargs,
         )
         token_weights = special_token_weights(tokenizer, embed_weight.shape[0]) if ignore_special_tokens else None
+        config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
         embed = dict(tokenizer=tokenizer, embed_weight=embed_weight, token_weights=token_weights,
                      max_length=max_length, batch_size=batch_size, progress=progress)
         pooled = {n: embed_prompts(prompt_lists[n], desc=f"embedding {n}", **embed) for n in adapter_order}
@@ -280,12 +287,20 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         elif input_ids is None:
             raise ValueError("route(): pass prompts (list of strings) or input_ids=[B, T].")
         input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+        attention_mask = self._routing_mask(input_ids, attention_mask)
         embed_weight = self.get_input_embeddings().weight.detach()
         scores, best = self.router.score(
             input_ids, attention_mask, embed_weight, backend=backend or self.config.kernel_backend
         )
         threshold = self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold
         return self.router.decide(scores, best, threshold)
+
+    def _routing_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The tokens routing reads: the mask minus the chat template's fixed prefix/suffix (if configured)."""
+        prefix, suffix = self.config.template_prefix_ids or [], self.config.template_suffix_ids or []
+        if not (prefix or suffix):
+            return attention_mask
+        return strip_template(input_ids, attention_mask, prefix, suffix)
 
     def _tokenize(self, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.tokenizer is None:
@@ -450,6 +465,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
     def _start_token_routing(self, input_ids, attention_mask, options, threshold):
         """Pool the prompt once (the running sums token routing then updates), score it, and build the state."""
         input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+        attention_mask = self._routing_mask(input_ids, attention_mask)
         embed_weight = self.get_input_embeddings().weight.detach()
         scores, best, running_sum, running_weight = self.router.context(
             input_ids, attention_mask, embed_weight, backend=options.kernel_backend)

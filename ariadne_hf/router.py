@@ -57,6 +57,50 @@ def fingerprints_match(a: list[float], b: list[float], rtol: float = 2e-2) -> bo
     return all(abs(x - y) <= rtol * max(abs(x), abs(y), 1e-6) for x, y in zip(a, b, strict=True))
 
 
+def chat_template_affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """Token ids the tokenizer's chat template puts before and after a single user message.
+
+    (The default system prompt and turn markers of e.g. SmolLM2: tens of tokens identical in every request, which
+    would otherwise dilute the mean embedding of a short prompt.) Returns ([], []) without a chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        return [], []
+    marker = "ARIADNE_USER_MESSAGE"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False,
+                                             add_generation_prompt=True)
+    except Exception:  # a template that needs more than one user turn: do not strip anything
+        return [], []
+    if not isinstance(text, str) or text.count(marker) != 1:
+        return [], []
+    prefix, suffix = text.split(marker)
+    encode = lambda part: tokenizer(part, add_special_tokens=False)["input_ids"] if part else []  # noqa: E731
+    return list(encode(prefix)), list(encode(suffix))
+
+
+def strip_template(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix: list[int],
+                   suffix: list[int]) -> torch.Tensor:
+    """Mask [B, T] without the chat-template prefix/suffix tokens of rows that start/end with them exactly.
+
+    Padding-agnostic: positions are counted over real tokens only. Rows that do not carry the exact affix (raw
+    text, another system prompt) are left as they are. One vectorised pass, no loop over rows.
+    """
+    keep = attention_mask.bool()  # [B, T]
+    rank = keep.long().cumsum(dim=1) - 1  # [B, T] index among the row's real tokens
+    total = keep.long().sum(dim=1, keepdim=True)  # [B, 1]
+    for affix, from_end in ((prefix, False), (suffix, True)):
+        size = len(affix)
+        if not size:
+            continue
+        table = torch.tensor(affix, dtype=input_ids.dtype, device=input_ids.device)  # [P]
+        position = (total - 1 - rank) if from_end else rank  # [B, T]
+        inside = keep & (position < size)  # [B, T]
+        expected = table[(size - 1 - position if from_end else position).clamp(0, size - 1)]  # [B, T]
+        row_matches = ((~inside) | (input_ids == expected)).all(dim=1) & (total.squeeze(1) > size)  # [B]
+        keep = keep & ~(inside & row_matches.unsqueeze(1))
+    return keep.to(attention_mask.dtype)
+
+
 class AriadneRouter(nn.Module):
     """Holds the centroid tables and turns token ids into routes.
 

@@ -105,3 +105,32 @@ def test_add_adapter_computes_only_its_own_centroids_and_remove_drops_them(tiny_
     assert model.router.centroid_adapter.tolist() == [0] * 4 + [1] * 4 + [2] * 4
     assert "poetry" not in model.peft_model.peft_config
     assert all(n in ("math", "code", "legal") for n in model.route(legal_test + tiny_assets["test"]["code"]).adapter_names)
+
+
+def test_chat_template_boilerplate_is_not_routed(tiny_assets):
+    """A chat-formatted prompt routes exactly like its raw text (the template's fixed tokens are ignored)."""
+    from tiny_models import make_tokenizer
+
+    from ariadne_hf.router import chat_template_affixes, strip_template
+
+    tokenizer = make_tokenizer()
+    tokenizer.chat_template = ("{% for m in messages %}you can write the poem about {{ m['content'] }}"
+                               " please{% endfor %}{% if add_generation_prompt %} sing{% endif %}")
+    prefix, suffix = chat_template_affixes(tokenizer)
+    assert len(prefix) == 6 and len(suffix) == 2
+    model = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                             tokenizer=tokenizer, num_centroids=4, progress=False)
+    assert model.config.template_prefix_ids == prefix
+    raw = [p for items in tiny_assets["test"].values() for p in items[:4]]
+    chat = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+            for p in raw]
+    for side in ("left", "right"):
+        tokenizer.padding_side = side
+        a = model.route(input_ids=tokenizer(raw, return_tensors="pt", padding=True, add_special_tokens=False)["input_ids"])
+        batch = tokenizer(chat, return_tensors="pt", padding=True, add_special_tokens=False)
+        b = model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        assert a.adapter_names == b.adapter_names
+        torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-6)
+    ids = torch.tensor([[0, 5, 6, 7, 8], [5, 6, 7, 8, 9]])
+    mask = torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert strip_template(ids, mask, [5, 6], [8]).tolist() == [[0, 0, 0, 1, 0], [0, 0, 1, 1, 1]]
