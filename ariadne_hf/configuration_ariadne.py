@@ -69,7 +69,7 @@ class AriadneConfig(PreTrainedConfig):
     routing_top_k: int = 2
     routing_temperature: float = 0.05
     generation_strategy: str = "batched"
-    lora_backend: str = "peft"
+    lora_backend: str = "stacked"
     kernel_backend: str | None = None
     max_prompt_tokens: int = 512
     template_prefix_ids: list[int] | None = None
