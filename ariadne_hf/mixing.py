@@ -227,13 +227,11 @@ class TokenRoutingState:
 def lora_stack(module: LoraLinear, adapter_order: list[str]):
     """Stacked, rank-padded weights of one LoRA linear: (A [A, R, IN], B [A, OUT, R], scaling [A] fp32).
 
-    An adapter that does not target this module has zero rows (contributes nothing). Cached on the module and
-    rebuilt when the adapter list or the LoRA weights' storage changes.
+    An adapter that does not target this module has zero rows (contributes nothing). Cached on the module per
+    adapter order; `clear_lora_stacks` drops the caches (called when adapters are added or removed; call it
+    yourself after editing LoRA weights in place).
     """
-    key = (tuple(adapter_order),) + tuple(
-        (module.lora_A[n].weight.data_ptr(), module.lora_B[n].weight.data_ptr(), module.lora_A[n].weight._version)
-        for n in adapter_order if n in module.lora_A
-    )
+    key = tuple(adapter_order)  # O(A) in C; invalidated explicitly by clear_lora_stacks when adapters change
     cached = getattr(module, "_ariadne_stack", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -255,6 +253,13 @@ def lora_stack(module: LoraLinear, adapter_order: list[str]):
     stacks = (stack_a, stack_b, scaling)
     module._ariadne_stack = (key, stacks)
     return stacks
+
+
+def clear_lora_stacks(model: torch.nn.Module) -> None:
+    """Forget every cached stack, so the next forward rebuilds them from the current LoRA weights."""
+    for module in model.modules():
+        if hasattr(module, "_ariadne_stack"):
+            del module._ariadne_stack
 
 
 def add_mixture_delta(module: LoraLinear, x: torch.Tensor, result: torch.Tensor, plan, adapter_order) -> torch.Tensor:

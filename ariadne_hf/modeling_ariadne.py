@@ -20,7 +20,7 @@ from .constants import ADAPTER_WEIGHTS_NAME, BASE_ADAPTER
 from .embedding import embed_prompts, load_prompts
 from .generation import generate_batched, generate_grouped
 from .lora_dispatch import LoraPlan, install_plan_hooks, use_plan
-from .mixing import MixturePlan, TokenRoutingState, validate_adapter_weights
+from .mixing import MixturePlan, TokenRoutingState, clear_lora_stacks, validate_adapter_weights
 from .router import (
     AriadneRouter,
     RoutingDecision,
@@ -196,6 +196,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         lora_config = check_adapter_dir(path, name)
         load_adapter(self.peft_model, path, name)
         install_plan_hooks(self.peft_model)
+        clear_lora_stacks(self.peft_model)
         embed_weight = self.get_input_embeddings().weight.detach()
         points = embed_prompts(
             prompt_list, self.tokenizer, embed_weight, token_weights=self.router.optional_token_weights(),
@@ -219,6 +220,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             raise ValueError(f"Cannot remove {name!r}: a routed model needs at least one adapter.")
         self.router.drop_adapter(name)
         self.peft_model.delete_adapter(name)
+        clear_lora_stacks(self.peft_model)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters.pop(name, None)
 

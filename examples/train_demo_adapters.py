@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ariadne_hf.data import demo_adapters_dir, load_routing_dev
 from ariadne_hf.default_backbone import default_backbone_path
+from ariadne_hf.task_metrics import gold_strings, normalise
 
 MAX_PROMPT_TOKENS = 384
 MAX_NEW_TOKENS = 16
@@ -68,20 +69,6 @@ def answer_text(row: dict) -> str:
     if "choices" in row:
         return row["choices"][row["answer"]]
     return row["targets"][0].strip()
-
-
-def gold_strings(row: dict) -> list[str]:
-    """Every string accepted by exact match: the answer choice and all targets."""
-    golds = [t for t in row.get("targets", []) if t.strip()]
-    if "choices" in row:
-        golds.append(row["choices"][row["answer"]])
-    return golds
-
-
-def normalise(text: str) -> str:
-    """First line, stripped, one trailing period removed, case-folded."""
-    line = text.strip().split("\n", 1)[0].strip()
-    return line[:-1].rstrip().casefold() if line.endswith(".") else line.casefold()
 
 
 def prompt_ids(tokenizer, text: str) -> list[int]:

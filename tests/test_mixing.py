@@ -136,3 +136,23 @@ def test_bad_mixing_options_are_refused(tiny_model, mixed_batch):
         tiny_model.generate(**batch, adapter_weights=torch.full((rows, 2), 0.5), **GREEDY)
     with pytest.raises(ValueError, match="row 0 sums to 0.9000"):
         tiny_model.generate(**batch, adapter_weights=torch.full((rows, 3), 0.3), **GREEDY)
+
+
+def test_stacked_weights_follow_adapter_changes(tiny_assets, tmp_path, mixed_batch):
+    """Removing an adapter and adding another under the same name: the stacked path uses the new weights."""
+    from tiny_models import save_adapter
+
+    from ariadne_hf import AriadneRoutedModel
+
+    model = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                             num_centroids=2, progress=False)
+    _, _, batch = mixed_batch
+    names = ["code"] * batch["input_ids"].shape[0]
+    before = model(**batch, adapter_names=names, lora_backend="stacked").logits  # builds and caches the stacks
+    model.remove_adapter("code")
+    other = save_adapter(tiny_assets["backbone"], "legal", str(tmp_path / "other"), seed=11)
+    model.add_adapter("code", other, tiny_assets["train"]["code"], progress=False)
+    stacked = model(**batch, adapter_names=names, lora_backend="stacked").logits
+    peft = model(**batch, adapter_names=names, lora_backend="peft").logits
+    torch.testing.assert_close(stacked, peft, rtol=1e-5, atol=1e-5)
+    assert (stacked - before).abs().max() > 1e-3
