@@ -29,6 +29,7 @@ from .constants import (
     ROUTER_CENTROID_ADAPTER,
     ROUTER_CENTROIDS,
     ROUTER_TOKEN_WEIGHTS,
+    ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
 )
 
@@ -111,6 +112,8 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
         tensors[ROUTER_CENTER] = router.center
     if router.optional_token_weights() is not None:
         tensors[ROUTER_TOKEN_WEIGHTS] = router.token_weights
+    if router.optional_transform() is not None:
+        tensors[ROUTER_TRANSFORM] = router.transform
     router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, router_path, metadata={"format": "pt"})
 
@@ -199,6 +202,19 @@ def _read_router(directory: str, config: AriadneConfig) -> dict[str, torch.Tenso
             f"Bundle {directory}: centroids have shape {tuple(centroids.shape)} but config.json says embedding_dim "
             f"{config.embedding_dim}; the router file belongs to another bundle."
         )
+    transform = tensors.get(ROUTER_TRANSFORM)
+    dim = centroids.shape[1]
+    if transform is not None and (transform.shape != (dim, dim) or not bool(torch.isfinite(transform).all())):
+        raise BundleError(
+            f"Bundle {directory}: {ROUTER_WEIGHTS_NAME} holds a whitening matrix of shape {tuple(transform.shape)} "
+            f"(expected finite [{dim}, {dim}]); the router file is corrupt or belongs to another bundle."
+        )
+    if (transform is None) != (getattr(config, "whitening", "none") == "none"):
+        raise BundleError(
+            f"Bundle {directory}: config.json says whitening={getattr(config, 'whitening', 'none')!r} but "
+            f"{ROUTER_WEIGHTS_NAME} {'has no' if transform is None else 'has a'} whitening matrix "
+            f"({ROUTER_TRANSFORM!r}); the files come from different bundles. Re-save or rebuild the bundle."
+        )
     return tensors
 
 
@@ -270,7 +286,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
             raise BundleError(f"Bundle {directory}: {err}") from err
     model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
     model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
-                            router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS))
+                            router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS), router.get(ROUTER_TRANSFORM))
     model.router.to(backbone.get_input_embeddings().weight.device)
     model.eval()
     return model

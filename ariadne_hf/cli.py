@@ -27,7 +27,7 @@ def cmd_build(args) -> int:
     heldout = _pairs(args.heldout, "--heldout") or None
     model = AriadneRoutedModel.from_adapters(
         args.backbone, adapters, prompts, num_centroids=args.num_centroids, distance=args.distance,
-        center=not args.no_center, seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
+        center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
         text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
         reject_threshold=args.reject_threshold,
     )
@@ -90,6 +90,7 @@ def cmd_info(args) -> int:
         "embedding": [config.embedding_vocab_size, config.embedding_dim],
         "distance": config.distance,
         "center": config.center,
+        "whitening": config.whitening,
         "routing": config.routing,
         "centroids": int(router["router.centroids"].shape[0]),
         "adapters": config.adapters,
@@ -99,7 +100,8 @@ def cmd_info(args) -> int:
         return 0
     print(f"bundle     {directory}\nbackbone   {info['backbone']} @ {info['backbone_revision']}")
     print(f"embedding  V={info['embedding'][0]} D={info['embedding'][1]}; distance {config.distance}; "
-          f"center {config.center}; routing {config.routing}; {info['centroids']} centroids")
+          f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
+          f"{info['centroids']} centroids")
     for name in config.adapter_names:
         meta = config.adapters.get(name, {})
         accuracy = meta.get("heldout_accuracy")
@@ -172,9 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="prompts of an adapter (.jsonl with a text field, or .txt)")
     build.add_argument("--heldout", action="append", metavar="NAME=FILE", help="held-out prompts (for the card)")
     build.add_argument("--out", required=True, help="bundle folder to write")
-    build.add_argument("--num-centroids", type=int, default=8)
+    build.add_argument("--num-centroids", type=int, default=1, help="centroids per adapter (default 1)")
     build.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
     build.add_argument("--no-center", action="store_true", help="do not subtract the mean prompt embedding")
+    build.add_argument("--whitening", choices=["within", "none"], default="within",
+                       help="whiten with the shrunk within-adapter covariance before scoring (default: within)")
     build.add_argument("--reject-threshold", type=float, default=None)
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--max-length", type=int, default=512)

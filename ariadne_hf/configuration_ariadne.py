@@ -13,6 +13,7 @@ ROUTING_GRANULARITIES = ("sequence", "token")
 GENERATION_STRATEGIES = ("batched", "grouped")
 LORA_BACKENDS = ("peft", "stacked")
 KERNEL_BACKENDS = (None, "torch", "triton")
+WHITENINGS = ("within", "none")
 
 
 class AriadneConfig(PreTrainedConfig):
@@ -33,6 +34,10 @@ class AriadneConfig(PreTrainedConfig):
         num_centroids: centroids requested per adapter (clipped to its number of prompts).
         distance: ``"cosine"`` (spherical k-means, cosine similarity) or ``"l2"`` (negated euclidean distance).
         center: subtract the mean of all building prompts' embeddings before scoring.
+        whitening: ``"within"`` (multiply by the inverse square root of the shrunk within-adapter covariance before
+            scoring; `from_adapters`' default) or ``"none"`` (the default here, so bundles written before whitening
+            existed load unchanged).
+        whitening_info: statistics of the whitening matrix (Ledoit-Wolf shrinkage, prompt count, condition number).
         ignore_special_tokens: give special tokens (BOS, chat markers, padding) zero weight in the pooled embedding.
         reject_threshold: rows whose best score is below it are routed to ``"__base__"`` (the plain backbone).
         routing: ``"sequence"`` (one adapter per prompt) or ``"token"`` (re-mix adapters while decoding).
@@ -59,9 +64,11 @@ class AriadneConfig(PreTrainedConfig):
     embedding_dim: int | None = None
     embedding_vocab_size: int | None = None
     embedding_fingerprint: list[float] | None = None
-    num_centroids: int = 8
+    num_centroids: int = 1  # centroids.DEFAULT_NUM_CENTROIDS
     distance: str = "cosine"
     center: bool = True
+    whitening: str = "none"
+    whitening_info: dict[str, Any] | None = None
     ignore_special_tokens: bool = True
     reject_threshold: float | None = None
     routing: str = "sequence"
@@ -131,6 +138,8 @@ def validate_routing_options(config: Any) -> None:
         )
     if config.lora_backend not in LORA_BACKENDS:
         raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}, got {config.lora_backend!r}.")
+    if getattr(config, "whitening", "none") not in WHITENINGS:
+        raise ValueError(f"whitening must be one of {WHITENINGS}, got {config.whitening!r}.")
     if config.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:

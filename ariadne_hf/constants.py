@@ -3,7 +3,7 @@
 BASE_ADAPTER = "__base__"
 """Adapter name of rows routed to the plain backbone (PEFT's own sentinel for mixed batches)."""
 
-BUNDLE_FORMAT_VERSION = "1.0"
+BUNDLE_FORMAT_VERSION = "1.1"
 """Major.minor of the bundle layout. A bundle with a newer major version is refused."""
 
 CONFIG_NAME = "config.json"
@@ -24,3 +24,4 @@ ROUTER_CENTROIDS = "router.centroids"  # [K, D] fp32
 ROUTER_CENTROID_ADAPTER = "router.centroid_adapter"  # [K] int64
 ROUTER_CENTER = "router.center"  # [D] fp32, optional
 ROUTER_TOKEN_WEIGHTS = "router.token_weights"  # [V] fp32, optional
+ROUTER_TRANSFORM = "router.transform"  # [D, D] fp32, optional (whitening W)

@@ -218,7 +218,8 @@ class TokenRoutingState:
         scores, _ = incremental_pool_distance(
             newest, self.running_sum, self.running_weight, self.embed_weight, router.centroids,
             router.centroid_adapter, len(router.adapter_names), center=router.optional_center(),
-            token_weights=token_weights, distance=router.distance, backend=self.backend,
+            token_weights=token_weights, transform=router.optional_transform(), distance=router.distance,
+            backend=self.backend,
         )
         self._set_weights(scores)
 

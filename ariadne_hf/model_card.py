@@ -166,6 +166,7 @@ def _routing_rows(cfg: dict) -> list[tuple[str, str]]:
     rows = [
         ("distance", cfg.get("distance", "cosine")),
         ("centering (subtract the mean prompt embedding)", "on" if cfg.get("center", True) else "off"),
+        ("whitening (shrunk within-adapter covariance)", cfg.get("whitening", "none")),
         ("special tokens ignored when pooling", "yes" if cfg.get("ignore_special_tokens", True) else "no"),
         ("reject threshold (below it: plain backbone)", "none" if threshold is None else threshold),
         ("centroids requested per adapter", cfg.get("num_centroids", "n/a")),

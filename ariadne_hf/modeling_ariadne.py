@@ -14,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from . import bundle as bundle_io
 from .adapters import AdapterError, adapter_summary, check_adapter_dir, load_adapter, resolve_adapter_dir
-from .centroids import kmeans
+from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import ADAPTER_WEIGHTS_NAME, BASE_ADAPTER
 from .embedding import embed_prompts, load_prompts
@@ -28,6 +28,7 @@ from .router import (
     embedding_fingerprint,
     strip_template,
 )
+from .whitening import apply_transform
 
 _UNSET: Any = object()
 
@@ -78,9 +79,10 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         prompts: Mapping[str, Any],
         *,
         tokenizer=None,
-        num_centroids: int = 8,
+        num_centroids: int = DEFAULT_NUM_CENTROIDS,
         distance: str = "cosine",
         center: bool = True,
+        whitening: str = "within",
         ignore_special_tokens: bool = True,
         reject_threshold: float | None = None,
         seed: int = 0,
@@ -98,8 +100,9 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         """Build a routed model from a backbone, PEFT LoRA adapters and a sample of each adapter's prompts.
 
         Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
-        of token embeddings) and clustered into at most `num_centroids` centroids (seeded k-means++; spherical
-        for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice versa,
+        of token embeddings), centered on the mean of all prompts, whitened with the shrunk within-adapter
+        covariance (`whitening="within"`, see `ariadne_hf.whitening`) and clustered into at most `num_centroids`
+        centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice versa,
         adapters must be LoRA folders with safetensors weights that fit the backbone.
 
         `heldout_prompts` (same form as `prompts`) are routed once to measure selection accuracy; the result is
@@ -144,6 +147,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             num_centroids=num_centroids,
             distance=distance,
             center=center,
+            whitening=whitening,
             ignore_special_tokens=ignore_special_tokens,
             reject_threshold=reject_threshold,
             max_prompt_tokens=max_length,
@@ -154,19 +158,17 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         embed = dict(tokenizer=tokenizer, embed_weight=embed_weight, token_weights=token_weights,
                      max_length=max_length, batch_size=batch_size, progress=progress)
         pooled = {n: embed_prompts(prompt_lists[n], desc=f"embedding {n}", **embed) for n in adapter_order}
-        center_vector = torch.cat(list(pooled.values())).mean(dim=0) if center else None  # [D]
-        blocks, owners = [], []
-        for index, name in enumerate(adapter_order):
-            points = pooled[name] if center_vector is None else pooled[name] - center_vector
-            centroids = kmeans(points, num_centroids, distance=distance, seed=seed)  # [k, D]
-            blocks.append(centroids)
-            owners.append(torch.full((centroids.shape[0],), index, dtype=torch.int64))
+        tables = build_router_tables([pooled[n] for n in adapter_order], num_centroids=num_centroids,
+                                     distance=distance, center=center, whitening=whitening, seed=seed)
+        config.whitening_info = tables.whitening_info
+        for name, count in zip(adapter_order, tables.centroid_counts, strict=True):
             config.adapters[name] = adapter_summary(
                 lora_configs[name], os.path.join(adapter_dirs[name], ADAPTER_WEIGHTS_NAME),
-                len(prompt_lists[name]), centroids.shape[0],
+                len(prompt_lists[name]), count,
             )
         model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
-        model.router.set_tables(torch.cat(blocks), torch.cat(owners), center_vector, token_weights)
+        model.router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights,
+                                tables.transform)
         model.router.to(embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
@@ -186,7 +188,9 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
     ) -> None:
         """Add one adapter and compute only its own centroids; existing adapters and centroids are untouched.
 
-        The centering vector (if any) is kept as built: the new adapter's prompts are centered with it.
+        The shared state is kept as built: the new adapter's prompts are centered and whitened with the bundle's
+        center and whitening matrix (measured cost of not refreshing them: docs/routing_quality.md). To refresh
+        them, rebuild with `from_adapters` from every adapter's prompts.
         """
         validate_adapter_name(name)
         if name in self.config.adapter_names:
@@ -203,8 +207,8 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             max_length=self.config.max_prompt_tokens, batch_size=batch_size, desc=f"embedding {name}",
             progress=progress,
         )
-        if self.router.optional_center() is not None:
-            points = points - self.router.center.cpu()
+        transform = self.router.optional_transform()
+        points = apply_transform(points, self.router.optional_center(), None if transform is None else transform.cpu())
         k = num_centroids or self.config.num_centroids
         centroids = kmeans(points, k, distance=self.config.distance, seed=seed)
         self.router.append_adapter(name, centroids)

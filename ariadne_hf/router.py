@@ -104,8 +104,10 @@ def strip_template(input_ids: torch.Tensor, attention_mask: torch.Tensor, prefix
 class AriadneRouter(nn.Module):
     """Holds the centroid tables and turns token ids into routes.
 
-    Buffers: `centroids` [K, D] fp32 (unit rows for cosine), `centroid_adapter` [K] int64, `center` [D] fp32 or
-    empty [0], `token_weights` [V] fp32 or empty [0]. Adapter a owns rows with centroid_adapter == a.
+    Buffers: `centroids` [K, D] fp32 (unit rows for cosine, in the whitened space), `centroid_adapter` [K] int64,
+    `center` [D] fp32 or empty [0], `token_weights` [V] fp32 or empty [0], `transform` [D, D] fp32 (whitening W)
+    or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
+    sim(W (pooled - center), C[k]).
     """
 
     def __init__(self, adapter_names: list[str], embedding_dim: int, distance: str = "cosine"):
@@ -116,6 +118,7 @@ class AriadneRouter(nn.Module):
         self.register_buffer("centroid_adapter", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("center", torch.zeros(0), persistent=False)
         self.register_buffer("token_weights", torch.zeros(0), persistent=False)
+        self.register_buffer("transform", torch.zeros(0), persistent=False)
 
     # ---- tables -------------------------------------------------------------------------------------------
     def set_tables(
@@ -124,6 +127,7 @@ class AriadneRouter(nn.Module):
         centroid_adapter: torch.Tensor,
         center: torch.Tensor | None = None,
         token_weights: torch.Tensor | None = None,
+        transform: torch.Tensor | None = None,
     ) -> None:
         """Replace all tables (validated: shapes agree, every adapter owns at least one centroid)."""
         if centroids.ndim != 2 or centroid_adapter.shape != (centroids.shape[0],):
@@ -145,6 +149,10 @@ class AriadneRouter(nn.Module):
         self.token_weights = (
             empty if token_weights is None else token_weights.to(device=device, dtype=torch.float32).contiguous()
         )
+        dim = centroids.shape[1]
+        if transform is not None and transform.shape != (dim, dim):
+            raise ValueError(f"Router whitening matrix has shape {tuple(transform.shape)}, expected [{dim}, {dim}].")
+        self.transform = empty if transform is None else transform.to(device=device, dtype=torch.float32).contiguous()
 
     def append_adapter(self, name: str, centroids: torch.Tensor) -> None:
         """Add one adapter's centroids [k, D] at the end; other adapters' rows are untouched."""
@@ -169,6 +177,9 @@ class AriadneRouter(nn.Module):
     def optional_token_weights(self) -> torch.Tensor | None:
         return self.token_weights if self.token_weights.numel() else None
 
+    def optional_transform(self) -> torch.Tensor | None:
+        return self.transform if self.transform.numel() else None
+
     # ---- routing ------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(
@@ -181,6 +192,7 @@ class AriadneRouter(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One fused pass: ids [B, T] -> (scores [B, A] fp32, best [B] int64, -1 for rows with no tokens)."""
         device = embed_weight.device
+        transform = self.optional_transform()
         return embed_pool_distance(
             input_ids.to(device),
             attention_mask.to(device),
@@ -190,6 +202,7 @@ class AriadneRouter(nn.Module):
             len(self.adapter_names),
             center=None if self.optional_center() is None else self.center.to(device),
             token_weights=None if self.optional_token_weights() is None else self.token_weights.to(device),
+            transform=None if transform is None else transform.to(device),
             distance=self.distance,
             backend=backend,
         )
@@ -206,7 +219,7 @@ class AriadneRouter(nn.Module):
         scores, best, pooled = embed_pool_distance(
             ids, mask, embed_weight, self.centroids.to(device), self.centroid_adapter.to(device),
             len(self.adapter_names), center=self.optional_center(), token_weights=self.optional_token_weights(),
-            distance=self.distance, backend=backend, return_pooled=True,
+            transform=self.optional_transform(), distance=self.distance, backend=backend, return_pooled=True,
         )
         weight = mask.to(torch.float32)  # [B, T]
         if self.optional_token_weights() is not None:

@@ -71,12 +71,31 @@ def test_centroids_of_another_dimension_or_vocab_are_refused(bundle_copy, tmp_pa
     router_path = os.path.join(bundle_copy, "model.safetensors")
     tensors = load_file(router_path)
     tensors["router.centroids"] = torch.randn(tensors["router.centroids"].shape[0], 32)
+    tensors["router.center"], tensors["router.transform"] = torch.zeros(32), torch.eye(32)
     save_file(tensors, router_path)
     _edit_config(bundle_copy, router_sha256=None)
     with pytest.raises(BundleError, match=r"centroids have shape .*embedding_dim 64"):
         AriadneRoutedModel.from_pretrained(bundle_copy)
     _edit_config(bundle_copy, embedding_dim=32, embedding_vocab_size=500)
     with pytest.raises(BundleError, match=r"centroid table comes from another backbone"):
+        AriadneRoutedModel.from_pretrained(bundle_copy)
+
+
+def test_whitening_matrix_that_does_not_fit_is_refused(bundle_copy):
+    router_path = os.path.join(bundle_copy, "model.safetensors")
+    tensors = load_file(router_path)
+    transform = tensors.pop("router.transform")
+    save_file(tensors, router_path)
+    _edit_config(bundle_copy, router_sha256=None)
+    with pytest.raises(BundleError, match=r"whitening='within' but model.safetensors has no whitening matrix"):
+        AriadneRoutedModel.from_pretrained(bundle_copy)
+    tensors["router.transform"] = transform[:10, :10].contiguous()
+    save_file(tensors, router_path)
+    with pytest.raises(BundleError, match=r"whitening matrix of shape \(10, 10\) \(expected finite \[64, 64\]\)"):
+        AriadneRoutedModel.from_pretrained(bundle_copy)
+    tensors["router.transform"] = transform.clone().fill_(float("nan"))
+    save_file(tensors, router_path)
+    with pytest.raises(BundleError, match=r"expected finite"):
         AriadneRoutedModel.from_pretrained(bundle_copy)
 
 

@@ -170,3 +170,153 @@ def test_kernel_large_extents(kernels, tokens, dim, num_centroids, num_adapters)
     case = cases.make_case(2, tokens, 300, dim, num_centroids, num_adapters, dtype=torch.bfloat16, padding="left",
                            seed=15)
     _check_against_reference(case, "cosine", torch.bfloat16)
+
+
+# ---- whitening transform W [D, D]: x = (pooled - center) @ W.T, in the same launch -----------------------------
+
+
+def random_transform(dim, kind, seed):
+    """fp32 [D, D] with O(1) effect on x: "spd" = M M^T / D + 0.5 I (symmetric positive definite, as a
+    whitening matrix is), "general" = I + M / sqrt(D) (not symmetric: using W instead of W.T changes x)."""
+    g = torch.Generator().manual_seed(1000 + seed)
+    m = torch.randn(dim, dim, generator=g)
+    if kind == "spd":
+        return m @ m.T / dim + 0.5 * torch.eye(dim)
+    return torch.eye(dim) + m / dim ** 0.5
+
+
+# A covering set of B 1/3/33, D 32/123/576 (never a multiple of the interpreter's D block but for 32), K 1/5/257,
+# table dtypes, distances, center, token weights, all-padding rows and both kinds of transform.
+TRANSFORM_CASES = [
+    dict(batch=1, tokens=1, dim=32, num_centroids=1, num_adapters=1, dtype="fp32", padding="none", distance="cosine",
+         kind="general"),
+    dict(batch=3, tokens=7, dim=123, num_centroids=5, num_adapters=3, dtype="bf16", padding="left", distance="l2",
+         center=True, empty_rows=(1,), kind="general"),
+    dict(batch=33, tokens=12, dim=576, num_centroids=257, num_adapters=40, dtype="fp16", padding="right",
+         distance="cosine", token_weights=True, empty_rows=(0, 32), kind="spd"),
+    dict(batch=33, tokens=7, dim=123, num_centroids=257, num_adapters=5, dtype="fp32", padding="left", distance="l2",
+         center=True, token_weights=True, kind="general"),
+    dict(batch=3, tokens=30, dim=576, num_centroids=5, num_adapters=3, dtype="bf16", padding="none",
+         distance="cosine", center=True, kind="spd"),
+    dict(batch=1, tokens=12, dim=123, num_centroids=1, num_adapters=1, dtype="fp16", padding="right", distance="l2",
+         kind="general"),
+    dict(batch=33, tokens=5, dim=32, num_centroids=5, num_adapters=3, dtype="fp32", padding="right",
+         distance="cosine", center=True, token_weights=True, empty_rows=(7,), kind="spd"),
+    dict(batch=3, tokens=9, dim=576, num_centroids=257, num_adapters=40, dtype="fp16", padding="left",
+         distance="l2", center=True, kind="general"),
+]
+
+
+def _check_transform_against_reference(case, transform, distance, dtype, call=None):
+    """The Triton path with a transform against embed_pool_distance_ref; returns the number of compared routes."""
+    ref = cases.call(embed_pool_distance_ref, case, transform=transform, distance=distance, return_pooled=True)
+    if call is None:
+        got = cases.call(embed_pool_distance, case, transform=transform, distance=distance, backend="triton",
+                         return_pooled=True)
+    else:
+        got = call(case, transform, distance)
+    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64 and got[0].shape == ref[0].shape
+    torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)  # pooled: un-centered, un-whitened
+    tol = cases.score_tolerance(dtype, distance, ref[0])
+    plain = cases.call(embed_pool_distance_ref, case, distance=distance)[0]  # the case must be sensitive to W
+    finite = torch.isfinite(ref[0])
+    assert bool(((plain - ref[0]).abs()[finite] > 10 * tol[finite]).any())
+    return cases.assert_routes_match(ref[0], ref[1], got[0], got[1], tol)
+
+
+@pytest.mark.parametrize("spec", TRANSFORM_CASES, ids=lambda s: _case_id(s) + "-" + s["kind"])
+def test_kernel_transform_matches_reference(kernels, spec):
+    spec = dict(spec)
+    dtype = cases.DTYPES[spec.pop("dtype")]
+    distance = spec.pop("distance")
+    kind = spec.pop("kind")
+    case = cases.make_case(**spec, vocab=97, dtype=dtype, seed=spec["batch"] + spec["dim"])
+    transform = random_transform(spec["dim"], kind, spec["dim"])
+    decided = _check_transform_against_reference(case, transform, distance, dtype)
+    assert decided >= spec["batch"] - len(spec.get("empty_rows", ())) - 2  # most routes are actually compared
+    got = cases.call(embed_pool_distance, case, transform=transform, distance=distance, backend="triton")
+    for b in spec.get("empty_rows", ()):
+        assert got[1][b] == -1 and torch.isinf(got[0][b]).all() and (got[0][b] < 0).all()
+
+
+@pytest.mark.parametrize("distance", ["cosine", "l2"])
+def test_kernel_transform_small_blocks_loop_over_every_tile(kernels, distance):
+    """Blocks of 16/32: several row blocks, output d-tiles and input d-tiles of the whitening phase, k-tiles."""
+    case = cases.make_case(18, 5, 40, 70, 20, 5, dtype=torch.bfloat16, padding="left", center=True,
+                           token_weights=True, empty_rows=(16,), seed=21)
+
+    def call(case, transform, distance):
+        return kernels.embed_pool_distance_triton(
+            case["input_ids"], case["attention_mask"], case["embed_weight"], case["centroids"],
+            case["centroid_adapter"], case["num_adapters"], center=case["center"],
+            token_weights=case["token_weights"], transform=transform, distance=distance, return_pooled=True,
+            block_sizes=SMALL_BLOCKS,
+        )
+
+    decided = _check_transform_against_reference(case, random_transform(70, "general", 21), distance,
+                                                 torch.bfloat16, call=call)
+    assert decided >= 18 - 1 - 2
+
+
+def test_kernel_identity_transform_is_exactly_no_transform(kernels):
+    """W = I: the whitening phase (centering moved into it) gives bitwise the scores of the plain path."""
+    case = cases.make_case(5, 9, 40, 123, 17, 4, padding="left", center=True, token_weights=True, empty_rows=(2,),
+                           seed=22)
+    for distance in ("cosine", "l2"):
+        plain = cases.call(embed_pool_distance, case, distance=distance, backend="triton")
+        eye = cases.call(embed_pool_distance, case, transform=torch.eye(123), distance=distance, backend="triton")
+        assert torch.equal(plain[0], eye[0]) and torch.equal(plain[1], eye[1])
+
+
+def test_kernel_transform_edge_cases(kernels):
+    """All-padding batch, no centroids, a strided transform (copied), and bad transforms rejected."""
+    case = cases.make_case(3, 6, 30, 48, 7, 3, center=True, empty_rows=(0, 1, 2), seed=23)
+    transform = random_transform(48, "general", 23)
+    scores, best = cases.call(embed_pool_distance, case, transform=transform, backend="triton")
+    assert best.tolist() == [-1, -1, -1] and torch.isinf(scores).all()
+    case = cases.make_case(3, 6, 30, 48, 7, 3, center=True, seed=23)
+    no_centroids = dict(case, centroids=case["centroids"][:0], centroid_adapter=case["centroid_adapter"][:0])
+    scores, best = cases.call(embed_pool_distance, no_centroids, transform=transform, backend="triton")
+    assert best.tolist() == [-1, -1, -1] and torch.isinf(scores).all()
+    strided = transform.T.contiguous().T  # same values, strides (1, 48)
+    assert not strided.is_contiguous()
+    a = cases.call(embed_pool_distance, case, transform=transform, backend="triton")
+    b = cases.call(embed_pool_distance, case, transform=strided, backend="triton")
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    for bad in (torch.eye(48, 47), torch.eye(48, dtype=torch.float64), torch.eye(48, dtype=torch.float16)):
+        with pytest.raises(ValueError, match="transform"):
+            cases.call(embed_pool_distance, case, transform=bad, backend="triton")
+        with pytest.raises(ValueError, match="transform"):
+            kernels.incremental_pool_distance_triton(
+                case["input_ids"][:, 0], torch.zeros(3, 48), torch.zeros(3), case["embed_weight"], case["centroids"],
+                case["centroid_adapter"], 3, transform=bad)
+
+
+@pytest.mark.parametrize("distance, blocks", [("cosine", None), ("l2", SMALL_BLOCKS)],
+                         ids=["cosine-default-blocks", "l2-small-blocks"])
+def test_incremental_kernel_transform_matches_reference(kernels, distance, blocks):
+    """Fed token by token: every step equals incremental_pool_distance_ref, the last one embed_pool_distance_ref."""
+    batch, tokens, dim = 18, 4, 70
+    case = cases.make_case(batch, tokens, 50, dim, 20, 5, dtype=torch.bfloat16, padding="left", token_weights=True,
+                           center=True, empty_rows=(3,), seed=24)
+    transform = random_transform(dim, "general", 24)
+    state_ref = (torch.zeros(batch, dim), torch.zeros(batch))
+    state_tri = (torch.zeros(batch, dim), torch.zeros(batch))
+    common = dict(center=case["center"], token_weights=case["token_weights"], transform=transform, distance=distance)
+    tail = (case["embed_weight"], case["centroids"], case["centroid_adapter"], 5)
+    for t in range(tokens):
+        step = (case["input_ids"][:, t],)
+        mask = case["attention_mask"][:, t]
+        ref = incremental_pool_distance_ref(*step, *state_ref, *tail, new_mask=mask, **common)
+        if blocks is None:
+            got = incremental_pool_distance(*step, *state_tri, *tail, new_mask=mask, backend="triton", **common)
+        else:
+            got = kernels.incremental_pool_distance_triton(*step, *state_tri, *tail, new_mask=mask,
+                                                           block_sizes=blocks, **common)
+        torch.testing.assert_close(state_tri[0], state_ref[0], rtol=1e-6, atol=1e-6)
+        assert torch.equal(state_tri[1], state_ref[1])
+        cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.float32, distance, ref[0]))
+    full = cases.call(embed_pool_distance_ref, case, transform=transform, distance=distance)
+    decided = cases.assert_routes_match(full[0], full[1], got[0], got[1],
+                                        cases.score_tolerance(torch.bfloat16, distance, full[0]))
+    assert decided >= batch - 1 - 2 and got[1][3] == -1

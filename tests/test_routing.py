@@ -27,7 +27,7 @@ def test_scores_match_an_independent_per_row_oracle(tiny_model, mixed_batch):
     for row in range(batch["input_ids"].shape[0]):
         ids = [i for i, m in zip(batch["input_ids"][row].tolist(), batch["attention_mask"][row].tolist(), strict=True)
                if m and i not in special]
-        x = table[ids].mean(0) - router.center
+        x = router.transform @ (table[ids].mean(0) - router.center)  # whitened, as built by default
         for a in range(3):
             sims = [F.cosine_similarity(x, c, dim=0) for c, owner in zip(router.centroids, router.centroid_adapter,
                                                                         strict=True) if owner == a]

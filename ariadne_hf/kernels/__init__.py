@@ -115,20 +115,23 @@ def embed_pool_distance(
     *,
     center=None,
     token_weights=None,
+    transform=None,
     distance="cosine",
     backend=None,
     return_pooled=False,
 ):
-    """Route rows to adapters: scores[b, a] = max_k sim(mean_t w E[ids[b,t]] - center, C[k]) over adapter a's centroids.
+    """Route rows to adapters: scores[b, a] = max_k sim(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids.
 
     ``input_ids`` [B, T] int32/int64, ``attention_mask`` [B, T], ``embed_weight`` [V, D] fp32/fp16/bf16 (read
     in place), ``centroids`` [K, D], ``centroid_adapter`` [K] int in [0, A), ``num_adapters`` A,
-    ``center`` [D] optional, ``token_weights`` [V] optional, ``distance`` "cosine" | "l2".
+    ``center`` [D] optional, ``token_weights`` [V] optional, ``transform`` [D, D] fp32 optional (whitening W),
+    ``distance`` "cosine" | "l2".
     Returns (scores [B, A] fp32, higher = closer; best [B] int64, -1 for a row without weighted tokens)
     and, with ``return_pooled``, pooled [B, D] fp32 (un-centered). Exact rules:
     ``reference.embed_pool_distance_ref``. ``backend``: None | "torch" | "triton" (module docstring).
     """
-    kwargs = dict(center=center, token_weights=token_weights, distance=distance, return_pooled=return_pooled)
+    kwargs = dict(center=center, token_weights=token_weights, transform=transform, distance=distance,
+                  return_pooled=return_pooled)
     args = (input_ids, attention_mask, embed_weight, centroids, centroid_adapter, num_adapters)
     if resolve_backend(embed_weight.device, backend, op="embed_pool_distance") == "triton":
         return _triton_module("embed_pool_distance").embed_pool_distance_triton(*args, **kwargs)
@@ -147,6 +150,7 @@ def incremental_pool_distance(
     new_mask=None,
     center=None,
     token_weights=None,
+    transform=None,
     distance="cosine",
     backend=None,
 ):
@@ -158,7 +162,8 @@ def incremental_pool_distance(
     int64) exactly as ``embed_pool_distance`` would for the whole context so far (up to fp32 summation
     order). Exact rules: ``reference.incremental_pool_distance_ref``; backend rules as above.
     """
-    kwargs = dict(new_mask=new_mask, center=center, token_weights=token_weights, distance=distance)
+    kwargs = dict(new_mask=new_mask, center=center, token_weights=token_weights, transform=transform,
+                  distance=distance)
     args = (new_ids, running_sum, running_weight, embed_weight, centroids, centroid_adapter, num_adapters)
     if resolve_backend(embed_weight.device, backend, op="incremental_pool_distance") == "triton":
         return _triton_module("embed_pool_distance").incremental_pool_distance_triton(*args, **kwargs)

@@ -5,30 +5,44 @@ To run the kernels on CPU tensors (Triton's interpreter) set ``TRITON_INTERPRET=
 is first imported (triton's own ``tl.sum``/``tl.zeros``... are created then) and before this module is
 imported (``INTERPRETED`` records what was in effect for the kernels below).
 
-Design (one launch, two phases, work claimed by ticket)
---------------------------------------------------------
+Design (one launch, two or three phases, work claimed by ticket)
+-----------------------------------------------------------------
 Every program first takes a ticket with ``atomic_add(sync[0], 1)``. Tickets ``< n_pool`` are *pooling*
-items, the others *scoring* items:
+items; with a whitening matrix (``HAS_TRANSFORM``) the next ``n_white`` tickets are *whitening* items;
+the others are *scoring* items. ``sync`` [3 + cdiv(B, BLOCK_B)] int32: ``sync[0]`` the ticket counter,
+``sync[1]`` the finished pooling items, ``sync[2]`` the finished whitening items, ``sync[3 + rb]`` the
+row-block counters.
 
 * pooling item ``(b, d-tile)``: loops over T tiles, gathers ``E[ids[b, t], d-tile]`` (upcast to fp32 right
   after the load), accumulates the weighted sum and the weight sum, stores the mean into ``pooled``
-  [B, D] fp32 (the ``return_pooled`` output, un-centered). The ``d-tile == 0`` item also stores
-  ``wsum[b]``, fills ``scores[b, :]`` with -inf and ``best[b]`` with -1. It then increments
+  [B, D] fp32 (the ``return_pooled`` output, un-centered and un-whitened). The ``d-tile == 0`` item also
+  stores ``wsum[b]``, fills ``scores[b, :]`` with -inf and ``best[b]`` with -1. It then increments
   ``sync[1]`` (release).
+* whitening item ``(row-block of BLOCK_B rows, output d-tile of BLOCK_D columns)``, only with
+  ``HAS_TRANSFORM``: waits until ``sync[1]`` reaches ``n_pool`` (acquire), then computes
+  ``whitened[rows, d-tile] = sum over input d-tiles e of (pooled[rows, e] - center[e]) @ W[d-tile, e]^T``
+  with ``tl.dot`` (ieee fp32; centering is applied here), stores it into the fp32 scratch ``whitened``
+  [B, D] and increments ``sync[2]`` (release). ``n_white = cdiv(B, BLOCK_B) * cdiv(D, BLOCK_D)``, row
+  block varying fastest so the programs reading the same ``BLOCK_D`` rows of W run together (L2).
 * scoring item ``(row-block of BLOCK_B rows, k-tile of BLOCK_K centroids)``: waits until ``sync[1]``
-  reaches ``n_pool`` (acquire), loops over D tiles accumulating ``x . c`` with ``tl.dot`` (ieee fp32),
-  ``|x|^2`` and ``|c|^2`` (centering applied on the fly), turns them into cosine / negated L2, and
-  scatters the tile into the per-adapter maximum with ``atomic_max(scores[b, c2a[k]], sim)``. It then
-  increments the row-block counter ``sync[2 + rb]``; the program that arrives last for a row block
-  (``n_k_tiles - 1`` before it) computes ``best`` = first argmax over A for those rows (the second tiny
-  reduction, O(BLOCK_B * A), inside the same launch).
+  reaches ``n_pool`` (without a transform) or ``sync[2]`` reaches ``n_white`` (with one; acquire), loops
+  over D tiles accumulating ``x . c`` with ``tl.dot`` (ieee fp32), ``|x|^2`` and ``|c|^2`` (x read from
+  ``pooled`` with centering applied on the fly, or from ``whitened``, already centered), turns them into
+  cosine / negated L2, and scatters the tile into the per-adapter maximum with
+  ``atomic_max(scores[b, c2a[k]], sim)``. It then increments the row-block counter ``sync[3 + rb]``; the
+  program that arrives last for a row block (``n_k_tiles - 1`` before it) computes ``best`` = first
+  argmax over A for those rows (the second tiny reduction, O(BLOCK_B * A), inside the same launch).
 
-Why tickets: a scoring program only waits for pooling tickets, and a ticket is only taken by a program
-that is already running; pooling programs never wait. So the wait always ends on a GPU whatever the
-scheduling order, and in the sequential interpreter tickets equal program ids (pooling runs first).
-Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items. Scoring items are ordered with the row block
-varying fastest, so the ``cdiv(B, BLOCK_B)`` programs reading the same centroid tile run together and
-share it through L2: the centroid table comes from DRAM about once.
+Why tickets: tickets are ordered pooling < whitening < scoring, and every program only waits for items
+with LOWER tickets: whitening waits for pooling, scoring for whitening (or for pooling without a
+transform); pooling programs never wait. A ticket is only taken by a program that is already running,
+so every ticket a waiter depends on is held by a resident program, and by induction over the phases
+(pooling finishes unconditionally, then whitening, then scoring) every wait ends on a GPU whatever the
+scheduling order and however few programs are resident. In the sequential interpreter tickets equal
+program ids, so each phase has run to completion before the next one starts.
+Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items. Whitening and scoring items are ordered with
+the row block varying fastest, so the ``cdiv(B, BLOCK_B)`` programs reading the same W or centroid tile
+run together and share it through L2: W and the centroid table come from DRAM about once.
 """
 
 from __future__ import annotations
@@ -51,7 +65,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 GPU_BLOCKS = {"BLOCK_T": 32, "BLOCK_DP": 128, "BLOCK_B": 16, "BLOCK_K": 64, "BLOCK_D": 32, "BLOCK_A": 256}
 """Default block sizes on a GPU (powers of two >= 16). Compiled for sm_80 (4 warps) both kernels use 168
-registers and no spills (BLOCK_D = 64 needs 255); picked without a GPU to time them: tune on hardware."""
+registers and no spills (BLOCK_D = 64 needs 255), with or without HAS_TRANSFORM (the whitening tile, a
+BLOCK_B x BLOCK_D accumulator fed by BLOCK_D x BLOCK_D tiles of W, needs fewer than the scoring tile; the
+whitening items reuse BLOCK_B and BLOCK_D). Picked without a GPU to time them: tune on hardware."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,18 +86,18 @@ def _init_row_outputs(b, scores_ptr, best_ptr, A, BLOCK_A: tl.constexpr):
 
 
 @triton.jit
-def _signal_pooled(sync_ptr):
-    """Publish this program's pooling stores: barrier, then release-increment of sync[1]."""
+def _signal_done(counter_ptr):
+    """Publish this program's stores: barrier, then release-increment of the phase counter (sync[1] or sync[2])."""
     tl.debug_barrier()
-    tl.atomic_add(sync_ptr + 1, 1, sem="release")
+    tl.atomic_add(counter_ptr, 1, sem="release")
 
 
 @triton.jit
-def _wait_pooled(sync_ptr, n_pool):
-    """Spin until every pooling item has signalled (acquire)."""
-    done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
-    while done < n_pool:
-        done = tl.atomic_add(sync_ptr + 1, 0, sem="acquire")
+def _wait_done(counter_ptr, n_items):
+    """Spin until ``n_items`` items have signalled the phase counter (acquire); they hold lower tickets."""
+    done = tl.atomic_add(counter_ptr, 0, sem="acquire")
+    while done < n_items:
+        done = tl.atomic_add(counter_ptr, 0, sem="acquire")
     tl.debug_barrier()
 
 
@@ -120,6 +136,37 @@ def _pool_tile(
 
 
 @triton.jit
+def _whiten_tile(
+    item, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
+    HAS_CENTER: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """whitened[rows, d-tile] = (pooled[rows] - center) @ W[d-tile, :]^T over a BLOCK_B x BLOCK_D tile (fp32 ieee dot)."""
+    n_rb = tl.cdiv(B, BLOCK_B)
+    rb = item % n_rb  # row blocks vary fastest: programs running together share a slab of W (L2)
+    dt = item // n_rb
+    rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
+    row_ok = rows < B
+    rows64 = rows.to(tl.int64)
+    offs_o = dt * BLOCK_D + tl.arange(0, BLOCK_D)  # [BD] output columns = rows of W
+    o_ok = offs_o < D
+    offs_o64 = offs_o.to(tl.int64)
+    acc = tl.zeros([BLOCK_B, BLOCK_D], dtype=tl.float32)  # [BB, BD]
+    for e0 in range(0, D, BLOCK_D):
+        offs_e = e0 + tl.arange(0, BLOCK_D)  # [BD] input columns
+        e_ok = offs_e < D
+        x_ok = row_ok[:, None] & e_ok[None, :]
+        x = tl.load(pooled_ptr + rows64[:, None] * D + offs_e[None, :], mask=x_ok, other=0.0,
+                    volatile=True)  # [BB, BD] written by other programs of this launch
+        if HAS_CENTER:
+            cen = tl.load(center_ptr + offs_e, mask=e_ok, other=0.0)  # [BD]
+            x = tl.where(x_ok, x - cen[None, :], 0.0)
+        w = tl.load(transform_ptr + offs_o64[:, None] * D + offs_e[None, :],
+                    mask=o_ok[:, None] & e_ok[None, :], other=0.0)  # [BD(out), BD(in)] = W[d-tile, e-tile]
+        acc += tl.dot(x, tl.trans(w), input_precision="ieee")
+    tl.store(whitened_ptr + rows64[:, None] * D + offs_o[None, :], acc, mask=row_ok[:, None] & o_ok[None, :])
+
+
+@triton.jit
 def _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B: tl.constexpr, BLOCK_A: tl.constexpr):
     """best[b] = first argmax_a scores[b, a] for the rows of block rb; -1 when every score is -inf."""
     rows = rb * BLOCK_B + tl.arange(0, BLOCK_B)  # [BB]
@@ -142,12 +189,16 @@ def _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B: tl.constexpr, BLOCK_
 
 @triton.jit
 def _score_tile(
-    item, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr,
+    item, x_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, rb_sync_ptr,
     B, D, K, A, stride_ck,
     HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
-    """atomic_max(scores[b, c2a[k]], sim(pooled[b] - center, C[k])) over a BLOCK_B x BLOCK_K tile; last one finalizes best."""
+    """atomic_max(scores[b, c2a[k]], sim(x[b] - center, C[k])) over a BLOCK_B x BLOCK_K tile; last one finalizes best.
+
+    ``x_ptr`` [B, D] fp32: ``pooled`` (centered here when HAS_CENTER) or ``whitened`` (already centered, HAS_CENTER
+    off). ``rb_sync_ptr[rb]`` counts the finished k-tiles of row block rb.
+    """
     n_kt = tl.cdiv(K, BLOCK_K)
     n_rb = tl.cdiv(B, BLOCK_B)
     rb = item % n_rb  # row blocks vary fastest: programs running together share a centroid tile (L2)
@@ -165,7 +216,7 @@ def _score_tile(
         offs_d = d0 + tl.arange(0, BLOCK_D)  # [BD]
         d_ok = offs_d < D
         x_ok = row_ok[:, None] & d_ok[None, :]
-        x = tl.load(pooled_ptr + rows64[:, None] * D + offs_d[None, :], mask=x_ok, other=0.0,
+        x = tl.load(x_ptr + rows64[:, None] * D + offs_d[None, :], mask=x_ok, other=0.0,
                     volatile=True)  # [BB, BD]
         if HAS_CENTER:
             cen = tl.load(center_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)  # [BD]
@@ -186,7 +237,7 @@ def _score_tile(
     adapter = tl.load(c2a_ptr + ks64, mask=k_ok, other=0).to(tl.int64)  # [BK]
     tl.atomic_max(scores_ptr + rows64[:, None] * A + adapter[None, :], sim, mask=live[:, None] & k_ok[None, :])
     tl.debug_barrier()
-    arrived = tl.atomic_add(sync_ptr + 2 + rb, 1, sem="acq_rel")
+    arrived = tl.atomic_add(rb_sync_ptr + rb, 1, sem="acq_rel")
     if arrived == n_kt - 1:
         _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B, BLOCK_A)
 
@@ -198,18 +249,20 @@ def _score_tile(
 
 @triton.jit
 def _embed_pool_distance_kernel(
-    ids_ptr, mask_ptr, emb_ptr, tokw_ptr, center_ptr, cent_ptr, c2a_ptr,
-    pooled_ptr, wsum_ptr, scores_ptr, best_ptr, sync_ptr,
+    ids_ptr, mask_ptr, emb_ptr, tokw_ptr, center_ptr, transform_ptr, cent_ptr, c2a_ptr,
+    pooled_ptr, whitened_ptr, wsum_ptr, scores_ptr, best_ptr, sync_ptr,
     B, T, D, K, A,
     stride_ib, stride_it, stride_mb, stride_mt, stride_ev, stride_ck,
-    n_dtiles, n_pool,
-    HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    n_dtiles, n_pool, n_white,
+    HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, IS_COSINE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
-    """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim(mean_t w E[ids[b,t]] - center, C[k]); best = argmax_a.
+    """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim(W (mean_t w E[ids[b,t]] - center), C[k]); best = argmax_a.
 
-    Grid: n_pool + n_score programs (module docstring). The host wrapper has checked everything.
+    W = transform [D, D] (contiguous fp32) when HAS_TRANSFORM, identity otherwise. Grid: n_pool + n_white +
+    n_score programs (module docstring; n_white = 0 without a transform). The host wrapper has checked
+    everything.
     """
     ticket = tl.atomic_add(sync_ptr, 1)
     if ticket < n_pool:
@@ -220,25 +273,42 @@ def _embed_pool_distance_kernel(
                    HAS_TOKW, BLOCK_T, BLOCK_DP)
         if dt == 0:
             _init_row_outputs(b, scores_ptr, best_ptr, A, BLOCK_A)
-        _signal_pooled(sync_ptr)
+        _signal_done(sync_ptr + 1)
     else:
-        _wait_pooled(sync_ptr, n_pool)
-        _score_tile(ticket - n_pool, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
-                    sync_ptr, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        if HAS_TRANSFORM:
+            if ticket < n_pool + n_white:
+                _wait_done(sync_ptr + 1, n_pool)
+                _whiten_tile(ticket - n_pool, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
+                             HAS_CENTER, BLOCK_B, BLOCK_D)
+                _signal_done(sync_ptr + 2)
+            else:
+                _wait_done(sync_ptr + 2, n_white)
+                _score_tile(ticket - n_pool - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
+                            scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
+                            BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        else:
+            _wait_done(sync_ptr + 1, n_pool)
+            _score_tile(ticket - n_pool, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
+                        sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
+                        BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 @triton.jit
 def _incremental_pool_distance_kernel(
-    new_ids_ptr, new_mask_ptr, emb_ptr, tokw_ptr, center_ptr, cent_ptr, c2a_ptr,
-    sum_ptr, wsum_ptr, pooled_ptr, scores_ptr, best_ptr, sync_ptr,
-    B, D, K, A, stride_ev, stride_sb, stride_ck,
-    HAS_MASK: tl.constexpr, HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    new_ids_ptr, new_mask_ptr, emb_ptr, tokw_ptr, center_ptr, transform_ptr, cent_ptr, c2a_ptr,
+    sum_ptr, wsum_ptr, pooled_ptr, whitened_ptr, scores_ptr, best_ptr, sync_ptr,
+    B, D, K, A, stride_ev, stride_sb, stride_ck, n_white,
+    HAS_MASK: tl.constexpr, HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr,
+    IS_COSINE: tl.constexpr,
     BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
-    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(S[b]/W[b] - center, C[k]).
+    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(M (S[b]/W[b] - center), C[k]).
 
-    Pooling items are whole rows (O(D) each, they own S[b] and W[b]); scoring is ``_score_tile``.
+    M = transform [D, D] (contiguous fp32) when HAS_TRANSFORM, identity otherwise. Pooling items are whole
+    rows (tickets < B; O(D) each, they own S[b] and W[b] and write ``pooled`` = S/W); then, with
+    HAS_TRANSFORM, the ``n_white`` whitening items of ``_whiten_tile``; then the scoring items of
+    ``_score_tile`` (module docstring for the phases and the waits).
     """
     ticket = tl.atomic_add(sync_ptr, 1)
     if ticket < B:
@@ -263,11 +333,24 @@ def _incremental_pool_distance_kernel(
             tl.store(pooled_ptr + b64 * D + offs_d, tl.where(wsum != 0.0, s / denom, 0.0), mask=d_ok)
         tl.store(wsum_ptr + b64, wsum)
         _init_row_outputs(ticket, scores_ptr, best_ptr, A, BLOCK_A)
-        _signal_pooled(sync_ptr)
+        _signal_done(sync_ptr + 1)
     else:
-        _wait_pooled(sync_ptr, B)
-        _score_tile(ticket - B, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
-                    sync_ptr, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        if HAS_TRANSFORM:
+            if ticket < B + n_white:
+                _wait_done(sync_ptr + 1, B)
+                _whiten_tile(ticket - B, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
+                             HAS_CENTER, BLOCK_B, BLOCK_D)
+                _signal_done(sync_ptr + 2)
+            else:
+                _wait_done(sync_ptr + 2, n_white)
+                _score_tile(ticket - B - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
+                            scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
+                            BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        else:
+            _wait_done(sync_ptr + 1, B)
+            _score_tile(ticket - B, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
+                        sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
+                        BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -320,9 +403,14 @@ def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
         raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
 
 
-def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance):
-    """Checks shared by both host wrappers; returns (c2a int32 [K], center fp32 or None, tokw fp32 or None)."""
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance)
+def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
+                    transform=None):
+    """Checks shared by both host wrappers.
+
+    Returns (c2a int32 [K], center fp32 or None, tokw fp32 or None, transform fp32 [D, D] contiguous or None).
+    """
+    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
+                       transform)
     check_centroid_adapter_range(centroid_adapter, num_adapters)
     _check_last_dim_contiguous("embed_weight", embed_weight)
     _check_last_dim_contiguous("centroids", centroids)
@@ -331,7 +419,15 @@ def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, cen
     c2a = centroid_adapter.to(torch.int32).contiguous()  # [K]
     center32 = None if center is None else center.to(torch.float32).contiguous()  # [D]
     tokw32 = None if token_weights is None else token_weights.to(torch.float32).contiguous()  # [V]
-    return c2a, center32, tokw32
+    transform32 = None if transform is None else transform.contiguous()  # [D, D] (fp32 checked; small: copied if strided)
+    return c2a, center32, tokw32, transform32
+
+
+def _whitening_items(transform32, batch: int, dim: int, num_centroids: int, blocks: dict) -> int:
+    """Number of whitening items: cdiv(B, BLOCK_B) * cdiv(D, BLOCK_D) with a transform (0 without, or when K == 0)."""
+    if transform32 is None or num_centroids == 0:
+        return 0
+    return triton.cdiv(batch, blocks["BLOCK_B"]) * triton.cdiv(dim, blocks["BLOCK_D"])
 
 
 def _mask_view(mask: torch.Tensor) -> torch.Tensor:
@@ -349,37 +445,45 @@ def embed_pool_distance_triton(
     *,
     center: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
     distance: str = "cosine",
     return_pooled: bool = False,
     block_sizes: dict | None = None,
 ):
-    """Semantics: scores[b, a] = max_k cos(mean_t w E[ids[b,t]] - center, C[k]) over adapter a's centroids
+    """Semantics: scores[b, a] = max_k cos(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids
     (negated euclidean distance for "l2"); best[b] = first argmax_a, -1 for a row with no weighted tokens.
 
-    Exactly the rules of ``reference.embed_pool_distance_ref`` (same arguments and returns), in ONE
-    Triton launch (module docstring: ticketed pooling items, then scoring tiles with ``tl.dot`` and
-    ``atomic_max`` into a -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``).
+    Exactly the rules of ``reference.embed_pool_distance_ref`` (same arguments and returns; W = ``transform``
+    [D, D] fp32, ``x = (pooled - center) @ transform.T``, identity when None), in ONE Triton launch (module
+    docstring: ticketed pooling items, with a transform whitening tiles, then scoring tiles with ``tl.dot``
+    and ``atomic_max`` into a -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``).
+    ``return_pooled`` returns the pooled embedding before centering and whitening.
 
     Bytes it must touch (the memory floor): the ids and mask (B*T each), the embedding rows of the
     masked-in tokens (n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem)
-    and the map (K*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled). Expected time ~ those bytes /
-    memory bandwidth: the kernel reads each needed table row once per D tile (no upcast copy) and the
-    centroids about once from DRAM (the ``cdiv(B, BLOCK_B)`` row blocks of a centroid tile are scheduled
-    together and share it through L2). The only extra traffic is the pooled scratch (B*D*4 written once,
-    re-read per k-tile from L2) and the B*K ``atomic_max`` updates. On a GPU, with B <= 64, the distance
-    step is memory-bound (8 flop per centroid byte with BLOCK_B = 16), so the floor is those bytes / HBM
-    bandwidth. One host sync: the id range check (and the centroid map check).
+    and the map (K*4), with a transform W (D*D*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled).
+    Expected time ~ those bytes / memory bandwidth: the kernel reads each needed table row once per D tile
+    (no upcast copy), and W and the centroids about once from DRAM (the ``cdiv(B, BLOCK_B)`` row blocks of
+    a W or centroid tile are scheduled together and share it through L2). The only extra traffic is the
+    pooled scratch (B*D*4 written once, re-read per k-tile from L2, or per output d-tile with a transform,
+    which also writes and re-reads the whitened scratch, B*D*4) and the B*K ``atomic_max`` updates. On a
+    GPU, with B <= 64, the distance step is memory-bound (8 flop per centroid byte with BLOCK_B = 16), so
+    the floor is those bytes / HBM bandwidth. The whitening step costs B*D*D*2 flops for D*D*4 bytes
+    (B/2 flop per byte of W): it is memory-bound for small B, but its ieee fp32 ``tl.dot`` (FMA, no TF32)
+    makes it compute-bound from roughly B >= 16-32 on an A100-class GPU. One host sync: the id range
+    check (and the centroid map check).
 
     Checks before launch (``ValueError``): ranks/shapes/dtypes, one device, last-dim contiguity of the
     table and centroids (never copied), centroid_adapter in [0, A), and every id at a masked-in position
-    in [0, V) (the error names the id and V). ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
+    in [0, V) (the error names the id and V). ``transform`` must be fp32 [D, D] on the same device; a
+    strided one is copied contiguous. ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
     """
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
     if attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
-    c2a, center32, tokw32 = _prepare_common(
-        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance
+    c2a, center32, tokw32, transform32 = _prepare_common(
+        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
     )
     devices = {input_ids.device, attention_mask.device, embed_weight.device}
     if len(devices) != 1:
@@ -398,23 +502,26 @@ def embed_pool_distance_triton(
     wsum = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
     scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
     best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
+    whitened = None if transform32 is None else torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
     n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
-    sync = torch.zeros(2 + n_rb, dtype=torch.int32, device=device)
+    sync = torch.zeros(3 + n_rb, dtype=torch.int32, device=device)  # tickets, pooled, whitened, row blocks
     n_dtiles = triton.cdiv(dim, blocks["BLOCK_DP"])
     n_pool = batch * n_dtiles
+    n_white = _whitening_items(transform32, batch, dim, num_centroids, blocks)
     n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
     if batch:
         dummy = pooled  # never dereferenced when the matching HAS_* flag is off
-        _embed_pool_distance_kernel[(n_pool + n_score,)](
+        _embed_pool_distance_kernel[(n_pool + n_white + n_score,)](
             input_ids, mask, embed_weight, tokw32 if tokw32 is not None else dummy,
-            center32 if center32 is not None else dummy, centroids, c2a,
-            pooled, wsum, scores, best, sync,
+            center32 if center32 is not None else dummy, transform32 if transform32 is not None else dummy,
+            centroids, c2a,
+            pooled, whitened if whitened is not None else dummy, wsum, scores, best, sync,
             batch, tokens, dim, num_centroids, num_adapters,
             input_ids.stride(0), input_ids.stride(1), mask.stride(0), mask.stride(1),
             embed_weight.stride(0), centroids.stride(0),
-            n_dtiles, n_pool,
-            HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None, IS_COSINE=distance == "cosine",
-            **blocks,
+            n_dtiles, n_pool, n_white,
+            HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None, HAS_TRANSFORM=transform32 is not None,
+            IS_COSINE=distance == "cosine", **blocks,
         )
     if return_pooled:
         return scores, best, pooled
@@ -433,18 +540,21 @@ def incremental_pool_distance_triton(
     new_mask: torch.Tensor | None = None,
     center: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
     distance: str = "cosine",
     block_sizes: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(S[b]/W[b] - center, C[k]).
+    """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(M (S[b]/W[b] - center), C[k]).
 
-    Exactly ``reference.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table
-    row read, S[b] read and written), then the scoring tiles of ``embed_pool_distance_triton``. Bytes it
-    must touch: B*D*(elem + 8) for the update plus K*D*elem for the centroids. ``running_sum`` must be
-    contiguous in its last dimension (it is updated in place, never copied).
+    M = ``transform`` [D, D] fp32 (``x = (S/W - center) @ transform.T``), identity when None. Exactly
+    ``reference.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table row read,
+    S[b] read and written), with a transform the whitening tiles, then the scoring tiles of
+    ``embed_pool_distance_triton``. Bytes it must touch: B*D*(elem + 8) for the update plus K*D*elem for
+    the centroids, plus D*D*4 for a transform (B*D*D*2 flops). ``running_sum`` must be contiguous in its
+    last dimension (it is updated in place, never copied).
     """
-    c2a, center32, tokw32 = _prepare_common(
-        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance
+    c2a, center32, tokw32, transform32 = _prepare_common(
+        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
     )
     keep = check_incremental_args(new_ids, running_sum, running_weight, embed_weight, new_mask)  # [B]
     _check_last_dim_contiguous("running_sum", running_sum)
@@ -462,20 +572,24 @@ def incremental_pool_distance_triton(
     blocks.pop("BLOCK_T")
     mask = None if new_mask is None else _mask_view(new_mask.to(device)).contiguous()  # [B]
     pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D] scratch
+    whitened = None if transform32 is None else torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
     scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
     best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
     n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
-    sync = torch.zeros(2 + n_rb, dtype=torch.int32, device=device)
+    sync = torch.zeros(3 + n_rb, dtype=torch.int32, device=device)  # tickets, pooled, whitened, row blocks
+    n_white = _whitening_items(transform32, batch, dim, num_centroids, blocks)
     n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
     if batch:
         dummy = pooled
-        _incremental_pool_distance_kernel[(batch + n_score,)](
+        _incremental_pool_distance_kernel[(batch + n_white + n_score,)](
             new_ids.contiguous(), mask if mask is not None else dummy, embed_weight,
             tokw32 if tokw32 is not None else dummy, center32 if center32 is not None else dummy,
-            centroids, c2a, running_sum, running_weight, pooled, scores, best, sync,
+            transform32 if transform32 is not None else dummy,
+            centroids, c2a, running_sum, running_weight, pooled, whitened if whitened is not None else dummy,
+            scores, best, sync,
             batch, dim, num_centroids, num_adapters,
-            embed_weight.stride(0), running_sum.stride(0), centroids.stride(0),
+            embed_weight.stride(0), running_sum.stride(0), centroids.stride(0), n_white,
             HAS_MASK=mask is not None, HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None,
-            IS_COSINE=distance == "cosine", **blocks,
+            HAS_TRANSFORM=transform32 is not None, IS_COSINE=distance == "cosine", **blocks,
         )
     return scores, best

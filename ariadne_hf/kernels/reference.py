@@ -9,7 +9,8 @@ Routing semantics (shared by every backend):
   ``w[b, t] = token_weights[ids[b, t]]`` (``1`` without ``token_weights``), and ``0`` when out.
 * ``pooled[b] = sum_t w[b, t] * E[ids[b, t]] / sum_t w[b, t]`` accumulated in fp32; a row whose weight
   sum is ``0`` ("no weighted tokens") has ``pooled[b] = 0``.
-* ``x[b] = pooled[b] - center`` (``center`` optional, subtracted after pooling).
+* ``x[b] = W (pooled[b] - center)``: ``center`` [D] optional, subtracted after pooling; ``W = transform``
+  [D, D] optional (a whitening matrix, ``x = (pooled - center) @ transform.T``), identity when absent.
 * ``sim(x, c)`` is the cosine similarity ``x.c / (max(|x|, eps) * max(|c|, eps))`` (``eps = 1e-12``, as
   ``F.normalize``) for ``"cosine"`` and the negated euclidean distance ``-|x - c|`` for ``"l2"``,
   computed as ``-sqrt(max(|x|^2 - 2 x.c + |c|^2, 0))`` (one matmul; like ``torch.cdist``).
@@ -64,6 +65,7 @@ def check_routing_args(
     center: torch.Tensor | None,
     token_weights: torch.Tensor | None,
     distance: str,
+    transform: torch.Tensor | None = None,
 ) -> None:
     """Validate the arguments shared by the full and the incremental routing functions (no sync)."""
     if distance not in DISTANCES:
@@ -87,7 +89,11 @@ def check_routing_args(
         raise ValueError(f"center must be [D={dim}], got {tuple(center.shape)}")
     if token_weights is not None and token_weights.shape != (vocab,):
         raise ValueError(f"token_weights must be [V={vocab}], got {tuple(token_weights.shape)}")
-    devices = {t.device for t in (embed_weight, centroids, centroid_adapter, center, token_weights) if t is not None}
+    if transform is not None and (transform.shape != (dim, dim) or transform.dtype != torch.float32):
+        raise ValueError(f"transform must be an fp32 [D={dim}, D={dim}] matrix, got {tuple(transform.shape)} "
+                         f"{transform.dtype}")
+    tensors = (embed_weight, centroids, centroid_adapter, center, token_weights, transform)
+    devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
 
@@ -244,9 +250,10 @@ def centroid_scores_ref(
     num_adapters: int,
     *,
     center: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
     distance: str = "cosine",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim(pooled[b] - center, C[k]); best[b] = argmax_a scores[b, a].
+    """Semantics: scores[b, a] = max_{k: c2a[k]=a} sim(W (pooled[b] - center), C[k]); best[b] = argmax_a.
 
     ``pooled`` [B, D], ``weight_sum`` [B]. Returns (scores [B, A] fp32, best [B] int64) with the rules of the
     module docstring (-inf / -1 for rows with weight_sum == 0, -inf for adapters without centroids, ties
@@ -255,6 +262,8 @@ def centroid_scores_ref(
     x = pooled.to(torch.float32)  # [B, D]
     if center is not None:
         x = x - center.to(torch.float32)
+    if transform is not None:
+        x = x @ transform.T  # [B, D] whitened
     sim = centroid_similarity_ref(x, centroids, distance)  # [B, K]
     return adapter_max_ref(sim, centroid_adapter, num_adapters, weight_sum != 0)
 
@@ -269,22 +278,25 @@ def embed_pool_distance_ref(
     *,
     center: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
     distance: str = "cosine",
     return_pooled: bool = False,
 ):
-    """Semantics: scores[b, a] = max_k sim(mean_t w E[ids[b,t]] - center, C[k]) over adapter a's centroids.
+    """Semantics: scores[b, a] = max_k sim(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids.
 
     The torch specification of the fused kernel (module docstring for every rule) and the CPU path.
     ``input_ids`` [B, T] int32/int64, ``attention_mask`` [B, T], ``embed_weight`` [V, D] fp32/fp16/bf16,
-    ``centroids`` [K, D], ``centroid_adapter`` [K] int in [0, A), ``center`` [D], ``token_weights`` [V].
-    Returns (scores [B, A] fp32, best [B] int64) and, with ``return_pooled``, also the pooled embedding
-    [B, D] fp32 (before centering).
+    ``centroids`` [K, D], ``centroid_adapter`` [K] int in [0, A), ``center`` [D], ``token_weights`` [V],
+    ``transform`` [D, D] fp32 (whitening ``W``). Returns (scores [B, A] fp32, best [B] int64) and, with
+    ``return_pooled``, also the pooled embedding [B, D] fp32 (before centering and whitening).
     """
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance)
+    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
+                       transform)
     check_centroid_adapter_range(centroid_adapter, num_adapters)
     pooled, weight_sum = pool_embeddings_ref(input_ids, attention_mask, embed_weight, token_weights)
     scores, best = centroid_scores_ref(
-        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, distance=distance
+        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, transform=transform,
+        distance=distance,
     )
     if return_pooled:
         return scores, best, pooled
@@ -303,6 +315,7 @@ def incremental_pool_distance_ref(
     new_mask: torch.Tensor | None = None,
     center: torch.Tensor | None = None,
     token_weights: torch.Tensor | None = None,
+    transform: torch.Tensor | None = None,
     distance: str = "cosine",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b]; then score S[b] / W[b] like ``embed_pool_distance``.
@@ -315,13 +328,15 @@ def incremental_pool_distance_ref(
     prompt token by token the scores equal ``embed_pool_distance`` on the whole prompt up to fp32
     summation order. Returns (scores [B, A] fp32, best [B] int64); rows with W == 0 get -inf / -1.
     """
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance)
+    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
+                       transform)
     check_centroid_adapter_range(centroid_adapter, num_adapters)
     pooled, weight_sum = incremental_pool_update_ref(
         new_ids, running_sum, running_weight, embed_weight, new_mask=new_mask, token_weights=token_weights
     )
     return centroid_scores_ref(
-        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, distance=distance
+        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, transform=transform,
+        distance=distance,
     )
 
 
