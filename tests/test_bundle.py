@@ -40,7 +40,8 @@ def test_bundle_holds_exactly_the_bundle_files(bundle_dir, tiny_model):
 def test_reload_gives_identical_centroids_routes_and_logits(bundle_dir, tiny_model, mixed_batch):
     _, _, batch = mixed_batch
     loaded = AriadneRoutedModel.from_pretrained(bundle_dir)
-    for buffer in ("centroids", "centroid_adapter", "center", "token_weights"):
+    assert tiny_model.router.transform.shape == (64, 64)  # whitened by default
+    for buffer in ("centroids", "centroid_adapter", "center", "token_weights", "transform"):
         assert torch.equal(getattr(loaded.router, buffer), getattr(tiny_model.router, buffer)), buffer
     assert loaded.adapter_names == tiny_model.adapter_names
     a, b = tiny_model(**batch), loaded(**batch)
@@ -49,6 +50,22 @@ def test_reload_gives_identical_centroids_routes_and_logits(bundle_dir, tiny_mod
     assert torch.equal(a.logits, b.logits)
     config = AutoConfig.from_pretrained(bundle_dir)
     assert isinstance(config, AriadneConfig) and config.backbone_name_or_path == tiny_model.config.backbone_name_or_path
+
+
+def test_unwhitened_bundle_has_no_transform_and_reloads(tiny_assets, tmp_path, mixed_batch):
+    from safetensors import safe_open
+
+    _, _, batch = mixed_batch
+    model = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                             whitening="none", progress=False)
+    model.save_pretrained(tmp_path / "plain")
+    with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as handle:
+        assert set(handle.keys()) == {"router.centroids", "router.centroid_adapter", "router.center",
+                                      "router.token_weights"}
+    loaded = AriadneRoutedModel.from_pretrained(tmp_path / "plain")
+    assert loaded.config.whitening == "none" and loaded.router.optional_transform() is None
+    assert torch.equal(loaded.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores,
+                       model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores)
 
 
 def test_auto_classes_load_the_routed_model(bundle_dir, tiny_model, mixed_batch):
