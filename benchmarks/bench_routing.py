@@ -15,7 +15,9 @@ centroids each (K = 16 A), cosine distance. Per configuration it prints:
 * torch/roofline: over max(memory floor, compute floor), the compute floor being the 2*B*K*D distance
   flops / fp32 matmul throughput measured here (on a 2-core CPU the B x D x K matmul is compute-bound
   for large K);
-* on a CUDA machine also triton ms and torch/triton (the same script, unchanged).
+* white/plain: our torch path with a whitening matrix W [D, D] (the default router: x = W (pooled - center))
+  over the same call without one, i.e. what whitening costs per routing call;
+* on a CUDA machine also triton ms and torch/triton (the same script, unchanged; whitened for triton too).
 
 Times are the minimum over ``--repeats`` runs after a warm-up (robust to other processes on a shared
 machine); ``torch.set_num_threads`` is left at its default. The load average is printed for context.
@@ -113,9 +115,9 @@ def run(dtypes, repeats: int) -> None:
     print(f"device={device} threads={torch.get_num_threads()} loadavg={os.getloadavg()[0]:.2f} "
           f"copy-bandwidth={bandwidth / 1e9:.1f} GB/s fp32-matmul={flops / 1e9:.0f} GFLOP/s repeats={repeats}")
     header = f"{'dtype':6} {'D':>5} {'A':>4} {'K':>5} {'naive ms':>9} {'torch ms':>9} {'naive/torch':>11} " \
-             f"{'torch/mem-floor':>15} {'torch/roofline':>14}"
+             f"{'torch/mem-floor':>15} {'torch/roofline':>14} {'white ms':>9} {'white/plain':>11}"
     if has_triton:
-        header += f" {'triton ms':>9} {'torch/triton':>12} {'triton/mem-floor':>16}"
+        header += f" {'triton ms':>9} {'torch/triton':>12} {'triton/mem-floor':>16}"  # triton runs whitened
     print(header)
     for dtype in dtypes:
         for dim in (576, 2048):
@@ -123,7 +125,11 @@ def run(dtypes, repeats: int) -> None:
             for num_adapters in (8, 64, 512):
                 table, ids, mask, cents, c2a = make_inputs(dim, num_adapters, dtype, device, table)
                 args = (ids, mask, table, cents, c2a, num_adapters)
+                white = {"center": torch.zeros(dim, device=device),
+                         "transform": torch.eye(dim, device=device) + 0.01 * torch.randn(dim, dim, device=device)}
                 ours = best_time(lambda args=args: embed_pool_distance(*args, backend="torch"), device, repeats)
+                whitened = best_time(lambda args=args, white=white: embed_pool_distance(*args, backend="torch", **white),
+                                     device, repeats)
                 naive = best_time(lambda args=args: naive_route(*args), device, repeats)
                 _, best = embed_pool_distance(*args, backend="torch")
                 agree = float((best == naive_route(*args)).float().mean())
@@ -131,10 +137,11 @@ def run(dtypes, repeats: int) -> None:
                 roofline = max(mem_floor, 2 * ids.shape[0] * cents.shape[0] * dim / flops)
                 line = (f"{str(dtype).split('.')[-1]:6} {dim:5d} {num_adapters:4d} {cents.shape[0]:5d} "
                         f"{naive * 1e3:9.2f} {ours * 1e3:9.2f} {naive / ours:11.2f} {ours / mem_floor:15.2f} "
-                        f"{ours / roofline:14.2f}")
+                        f"{ours / roofline:14.2f} {whitened * 1e3:9.2f} {whitened / ours:11.2f}")
                 if has_triton:
-                    tri = best_time(lambda args=args: embed_pool_distance(*args, backend="triton"), device, repeats)
-                    line += f" {tri * 1e3:9.3f} {ours / tri:12.2f} {tri / mem_floor:16.2f}"
+                    tri = best_time(lambda args=args, white=white: embed_pool_distance(*args, backend="triton", **white),
+                                    device, repeats)
+                    line += f" {tri * 1e3:9.3f} {whitened / tri:12.2f} {tri / mem_floor:16.2f}"  # both whitened
                 if agree < 0.98:
                     line += f"  (routes agree with naive on {agree:.0%} only)"
                 print(line, flush=True)

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ariadne_hf.whitening import ledoit_wolf_shrinkage
+
 MAX_TOKENS = 512
 SMALL_TASK_TRAIN = 150
 
@@ -174,21 +176,6 @@ def token_weights(kind: str, counts: torch.Tensor, labels: torch.Tensor, num_ada
 
 
 # ----------------------------------------------------------------------------------------------- transforms
-
-
-def ledoit_wolf_shrinkage(x: torch.Tensor) -> float:
-    """Ledoit-Wolf optimal shrinkage intensity of the covariance of centered rows x [N, D] (sklearn's formula)."""
-    n, p = x.shape
-    x = x.double()
-    x2 = x * x
-    trace_terms = x2.sum(0) / n  # [D]
-    mu = trace_terms.sum() / p
-    beta_ = (x2.T @ x2).sum()
-    delta_ = ((x.T @ x) ** 2).sum() / n**2
-    beta = (beta_ / n - delta_) / (p * n)
-    delta = (delta_ - 2.0 * mu * trace_terms.sum() + p * mu**2) / p
-    beta = torch.minimum(beta, delta)
-    return 0.0 if float(beta) == 0 else float(beta / delta)
 
 
 def whitening(x: torch.Tensor, labels: torch.Tensor, kind: str, shrink: float | str, power: float) -> torch.Tensor:

@@ -61,7 +61,7 @@ RECIPES: dict[str, Recipe] = {
 }
 """Demo tasks: multiple-choice tasks with short prompts where SmolLM2-135M's log-likelihood choice is weak.
 (vitaminc_fact_verification and periodic_elements were tried first with 100 steps and dropped: 53% -> 51% and
-0% -> 4% exact match; see docs/routing_quality.md.)"""
+0% -> 4% exact match; see docs/demo_adapters.md.)"""
 
 
 def answer_text(row: dict) -> str:

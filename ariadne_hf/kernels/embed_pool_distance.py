@@ -242,6 +242,33 @@ def _score_tile(
         _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B, BLOCK_A)
 
 
+@triton.jit
+def _after_pooling(
+    item, n_pool, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr, transform_ptr, cent_ptr, c2a_ptr,
+    scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
+    HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, IS_COSINE: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
+):
+    """Post-pooling item ``item`` (ticket - n_pool) of both kernels: whitening items first (with HAS_TRANSFORM),
+    then scoring items; each waits for the phase before it (module docstring)."""
+    if HAS_TRANSFORM:
+        if item < n_white:
+            _wait_done(sync_ptr + 1, n_pool)
+            _whiten_tile(item, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
+                         HAS_CENTER, BLOCK_B, BLOCK_D)
+            _signal_done(sync_ptr + 2)
+        else:
+            _wait_done(sync_ptr + 2, n_white)
+            _score_tile(item - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
+                        scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
+                        BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+    else:
+        _wait_done(sync_ptr + 1, n_pool)
+        _score_tile(item, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
+                    sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
+                    BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels
 # --------------------------------------------------------------------------------------------------
@@ -275,22 +302,9 @@ def _embed_pool_distance_kernel(
             _init_row_outputs(b, scores_ptr, best_ptr, A, BLOCK_A)
         _signal_done(sync_ptr + 1)
     else:
-        if HAS_TRANSFORM:
-            if ticket < n_pool + n_white:
-                _wait_done(sync_ptr + 1, n_pool)
-                _whiten_tile(ticket - n_pool, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
-                             HAS_CENTER, BLOCK_B, BLOCK_D)
-                _signal_done(sync_ptr + 2)
-            else:
-                _wait_done(sync_ptr + 2, n_white)
-                _score_tile(ticket - n_pool - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
-                            scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
-                            BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
-        else:
-            _wait_done(sync_ptr + 1, n_pool)
-            _score_tile(ticket - n_pool, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
-                        sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
-                        BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        _after_pooling(ticket - n_pool, n_pool, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr,
+                       transform_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
+                       HAS_CENTER, HAS_TRANSFORM, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 @triton.jit
@@ -335,22 +349,9 @@ def _incremental_pool_distance_kernel(
         _init_row_outputs(ticket, scores_ptr, best_ptr, A, BLOCK_A)
         _signal_done(sync_ptr + 1)
     else:
-        if HAS_TRANSFORM:
-            if ticket < B + n_white:
-                _wait_done(sync_ptr + 1, B)
-                _whiten_tile(ticket - B, pooled_ptr, center_ptr, transform_ptr, whitened_ptr, B, D,
-                             HAS_CENTER, BLOCK_B, BLOCK_D)
-                _signal_done(sync_ptr + 2)
-            else:
-                _wait_done(sync_ptr + 2, n_white)
-                _score_tile(ticket - B - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
-                            scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
-                            BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
-        else:
-            _wait_done(sync_ptr + 1, B)
-            _score_tile(ticket - B, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
-                        sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
-                        BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+        _after_pooling(ticket - B, B, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr, transform_ptr,
+                       cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
+                       HAS_CENTER, HAS_TRANSFORM, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 # --------------------------------------------------------------------------------------------------
