@@ -602,50 +602,32 @@ def section_minilm(cache, state, train, test, seeds) -> list[str]:
 
 
 def section_library(cache: Path, seeds) -> list[str]:
-    """The shipped path end to end: library tokenizer + embed_prompts + build_router_tables + embed_pool_distance.
-
-    Exactly what `AriadneRoutedModel.from_adapters` builds with its defaults (special tokens weighted 0, center,
-    within-adapter whitening, one centroid per adapter) and what `route()` computes (the torch kernel path).
-    """
+    """The shipped path end to end: `ariadne_hf.evaluation.router_only_report` (library tokenizer, embed_prompts,
+    build_router_tables, embed_pool_distance), i.e. what `from_adapters` builds with its defaults and `route()` runs.
+    One centroid per adapter is the mean: no seed dependence."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from ariadne_hf.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
     from ariadne_hf.data import load_routing_dev
     from ariadne_hf.default_backbone import default_backbone_path
-    from ariadne_hf.embedding import embed_prompts
-    from ariadne_hf.kernels import embed_pool_distance
-    from ariadne_hf.modeling_ariadne import special_token_weights
+    from ariadne_hf.evaluation import router_only_report
 
     folder = default_backbone_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as handle:
         table = handle.get_tensor("model.embed_tokens.weight").float()  # [V, D]
-    weights = special_token_weights(tokenizer, table.shape[0])  # [V]
-    rows = {split: load_routing_dev(split) for split in ("train", "test")}
-    tasks = sorted({r["task"] for r in rows["train"]})
-    pooled = [embed_prompts([r["text"] for r in rows["train"] if r["task"] == t], tokenizer, table,
-                            token_weights=weights, progress=False) for t in tasks]
+    prompts = {}
+    for split in ("train", "test"):
+        prompts[split] = {}
+        for row in load_routing_dev(split):
+            prompts[split].setdefault(row["task"], []).append(row["text"])
+    small = [t for t, p in prompts["train"].items() if len(p) < SMALL_TASK_TRAIN]
     lines = ["| shipped default (library path) | macro % | micro % | small-task macro % |", "|---|---|---|---|"]
-    small = {i for i, t in enumerate(tasks) if sum(r["task"] == t for r in rows["train"]) < SMALL_TASK_TRAIN}
-    labels = torch.tensor([tasks.index(r["task"]) for r in rows["test"]])
     for whitening in ("within", "none"):
-        runs = []
-        for seed in seeds:
-            tables = build_router_tables(pooled, num_centroids=DEFAULT_NUM_CENTROIDS, whitening=whitening, seed=seed)
-            best = []
-            for start in range(0, len(rows["test"]), 64):
-                batch = tokenizer([r["text"] for r in rows["test"][start : start + 64]], padding=True,
-                                  truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
-                best.append(embed_pool_distance(batch["input_ids"], batch["attention_mask"], table, tables.centroids,
-                                                tables.centroid_adapter, len(tasks), center=tables.center,
-                                                token_weights=weights, transform=tables.transform)[1])
-            runs.append(accuracy(torch.cat(best), labels, list(range(len(tasks))), small))
-            if DEFAULT_NUM_CENTROIDS == 1:
-                break  # k-means with one centroid is the mean: no seed dependence
-        mean = {key: sum(r[key] for r in runs) / len(runs) for key in ("macro", "micro", "small")}
-        mean["macro_sd"] = 0.0
-        lines.append(fmt_row(f"K={DEFAULT_NUM_CENTROIDS}, center, whitening={whitening!r}", mean))
+        report = router_only_report(tokenizer, table, prompts["train"], prompts["test"], whitening=whitening)
+        small_macro = sum(report["accuracy"][t] for t in small) / len(small)
+        lines.append(f"| default, whitening={whitening!r} | {100 * report['macro_accuracy']:.1f} | "
+                     f"{100 * report['micro_accuracy']:.1f} | {100 * small_macro:.1f} |")
         print(lines[-1], flush=True)
     return lines
 
