@@ -27,7 +27,8 @@ def cmd_build(args) -> int:
     heldout = _pairs(args.heldout, "--heldout") or None
     model = AriadneRoutedModel.from_adapters(
         args.backbone, adapters, prompts, num_centroids=args.num_centroids, distance=args.distance,
-        center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length, batch_size=args.batch_size,
+        center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length,
+        batch_size=args.batch_size,
         text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
         reject_threshold=args.reject_threshold,
     )

@@ -174,14 +174,14 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
 
     Builds the router exactly as `AriadneRoutedModel.from_adapters` does (special tokens weighted 0,
     `build_router_tables(**build_kwargs)`, defaults = the library's) from `train` {adapter: prompts}, routes the
-    `test` prompts (raw text, the tokenizer's default special tokens) with `embed_pool_distance` and returns
+    `test` prompts (raw text, the tokenizer's default special tokens) through `AriadneRouter.score` and returns
     `routing_report` (macro/micro/per adapter/confusion). Selection accuracy does not depend on adapter weights,
     so this answers "would these prompt sets be told apart?" before any adapter is trained.
     """
     from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
     from .embedding import embed_prompts
-    from .kernels import embed_pool_distance
     from .modeling_ariadne import special_token_weights
+    from .router import AriadneRouter
 
     names = list(train)
     weights = special_token_weights(tokenizer, embed_weight.shape[0])  # [V]
@@ -189,14 +189,14 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
                             batch_size=batch_size, desc=f"embedding {n}", progress=progress) for n in names]
     build_kwargs.setdefault("num_centroids", DEFAULT_NUM_CENTROIDS)
     tables = build_router_tables(pooled, **build_kwargs)
+    router = AriadneRouter(names, embed_weight.shape[1], distance=build_kwargs.get("distance", "cosine"))
+    router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, weights, tables.transform)
     truth = [n for n in names for _ in test.get(n, [])]
     texts = [t for n in names for t in test.get(n, [])]
     predicted = []
     for start in range(0, len(texts), batch_size):
         batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
                           return_tensors="pt")
-        _, best = embed_pool_distance(batch["input_ids"], batch["attention_mask"], embed_weight, tables.centroids,
-                                      tables.centroid_adapter, len(names), center=tables.center,
-                                      token_weights=weights, transform=tables.transform)
-        predicted += [BASE_ADAPTER if b < 0 else names[b] for b in best.tolist()]
+        scores, best = router.score(batch["input_ids"], batch["attention_mask"], embed_weight)
+        predicted += router.decide(scores, best).adapter_names
     return routing_report(truth, predicted, names)

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .kernels.reference import to_scoring_space as apply_transform  # noqa: F401  (x = W (p - center))
+
 WHITENING_KINDS = ("within", "none")
 
 
@@ -71,13 +73,3 @@ def within_adapter_whitening(points: Sequence[torch.Tensor]) -> tuple[torch.Tens
         "condition_number": round(float(eigenvalues[-1] / eigenvalues[0]), 3),
     }
     return transform.to(torch.float32).contiguous(), info
-
-
-def apply_transform(points: torch.Tensor, center: torch.Tensor | None, transform: torch.Tensor | None) -> torch.Tensor:
-    """x = W (points - center) for rows [N, D] (the router's scoring space); identity parts may be None."""
-    x = points.to(torch.float32)
-    if center is not None:
-        x = x - center.to(x)
-    if transform is not None:
-        x = x @ transform.to(x).T
-    return x

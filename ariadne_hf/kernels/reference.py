@@ -242,6 +242,19 @@ def adapter_max_ref(
     return scores, best
 
 
+def to_scoring_space(x: torch.Tensor, center: torch.Tensor | None, transform: torch.Tensor | None) -> torch.Tensor:
+    """Semantics: W (x - center) for rows x [N, D] in fp32 (the space centroids live in); None parts are identity.
+
+    The one definition shared by scoring (every backend's spec) and building (``centroids.build_router_tables``).
+    """
+    x = x.to(torch.float32)  # [N, D]
+    if center is not None:
+        x = x - center.to(x)
+    if transform is not None:
+        x = x @ transform.to(x).T  # [N, D] whitened
+    return x
+
+
 def centroid_scores_ref(
     pooled: torch.Tensor,
     weight_sum: torch.Tensor,
@@ -259,11 +272,7 @@ def centroid_scores_ref(
     module docstring (-inf / -1 for rows with weight_sum == 0, -inf for adapters without centroids, ties
     to the lowest adapter index).
     """
-    x = pooled.to(torch.float32)  # [B, D]
-    if center is not None:
-        x = x - center.to(torch.float32)
-    if transform is not None:
-        x = x @ transform.T  # [B, D] whitened
+    x = to_scoring_space(pooled, center, transform)  # [B, D]
     sim = centroid_similarity_ref(x, centroids, distance)  # [B, K]
     return adapter_max_ref(sim, centroid_adapter, num_adapters, weight_sum != 0)
 
