@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ariadne_hf import AriadneRoutedModel
-from ariadne_hf.mixing import mixture_from_scores
+from ariadne_hf.lora import mixture_from_scores
 
 
 def per_token_ms(run, new_tokens: int) -> float:
