@@ -142,9 +142,8 @@ def test_routed_layers_follow_adapter_changes(tiny_assets, tmp_path, mixed_batch
     """Removing an adapter and adding another under the same name: the routed layers use the new weights,
     exactly as PEFT does with that adapter file."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     from tiny_models import save_adapter
+    from transformers import AutoModelForCausalLM
 
     from ariadne_hf import AriadneRoutedModel
 

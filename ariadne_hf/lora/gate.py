@@ -18,7 +18,7 @@ vector (usually one for the whole model), so a layer does no per-step arithmetic
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -32,6 +32,8 @@ class LoraGate:
     Fields by kind: SINGLE uses ``adapter``; MIXTURE uses ``indices`` [G, k] int64 (no-adapter slots hold 0),
     ``coefs`` (one [G, k, 1] fp32 tensor per scaling group, 0 for no-adapter slots), ``per_token``, and for
     the Triton path ``raw_indices`` [N, k] (-1 = none) and ``weights`` [N, k] fp32 with one row per token.
+    ``gathered`` is scratch space of the torch MIXTURE path: each layer's per-row adapter weights, gathered and
+    scaled once for the lifetime of this gate (one call, or one re-routing interval), then reused every step.
     """
 
     kind: int
@@ -42,9 +44,16 @@ class LoraGate:
     backend: str = "torch"
     raw_indices: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    gathered: dict = field(default_factory=dict)
 
 
 BASE_GATE = LoraGate(BASE)
+
+GATHER_CACHE_MIN_ROWS = 16
+"""The torch MIXTURE path keeps each layer's gathered (row, adapter) weights for the gate's lifetime when G * k is
+at most max(A, this): so a call holds at most max(one more copy of the stacks, 16 adapter copies) per layer, freed
+with the gate. Larger gates (big batches over few adapters, per-token gates without a KV cache) gather again in
+every forward."""
 
 
 class GateFactory:

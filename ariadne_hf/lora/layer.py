@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gate import MIXTURE, SINGLE
+from .gate import GATHER_CACHE_MIN_ROWS, MIXTURE, SINGLE
 
 ACTIVE_PLAN: contextvars.ContextVar = contextvars.ContextVar("ariadne_lora_plan", default=None)
 """The LoRA plan of the current call (`ariadne_hf.lora.plans`); None = the plain backbone. One per context, so
@@ -93,16 +93,25 @@ class RoutedLoraLinear(nn.Module):
             delta = mixture_lora_triton(flat, lora_a, lora_b, self.scaling, gate.raw_indices, gate.weights,
                                         checked=False)  # [N, OUT]
             return delta.view(*x.shape[:-1], self.out_features)
-        indices, coef = gate.indices, gate.coefs[self.scaling_group]  # [G, k], [G, k, 1]
-        if indices.device != x.device:  # layers spread over devices (device_map)
-            indices, coef = indices.to(x.device), coef.to(x.device)
-        groups, k = indices.shape
-        rank = lora_a.shape[1]
-        flat_index = indices.view(-1)  # [G*k]
-        rows = x.reshape(groups, -1, self.in_features)  # [G, T', IN]  (T' = tokens per gate row)
-        a_sel = lora_a.index_select(0, flat_index).view(groups, k * rank, self.in_features)  # [G, kR, IN]
-        hidden = torch.bmm(rows, a_sel.transpose(1, 2))  # [G, T', kR]
-        hidden = (hidden.view(groups, -1, k, rank) * coef.view(groups, 1, k, 1).to(hidden.dtype))  # [G, T', k, R]
-        b_sel = lora_b.transpose(1, 2).index_select(0, flat_index).view(groups, k * rank, self.out_features)
-        delta = torch.bmm(hidden.view(groups, -1, k * rank), b_sel)  # [G, T', OUT]
+        gathered = gate.gathered.get(self)
+        if gathered is None:
+            gathered = self._gather(gate, x.device)
+            if gate.indices.numel() <= max(lora_a.shape[0], GATHER_CACHE_MIN_ROWS):
+                gate.gathered[self] = gathered
+        lora_a_rows, lora_b_rows = gathered  # [G, IN, kR], [G, kR, OUT] (coefficients folded into B)
+        rows = x.reshape(lora_a_rows.shape[0], -1, self.in_features)  # [G, T', IN]  (T' = tokens per gate row)
+        delta = torch.bmm(torch.bmm(rows, lora_a_rows), lora_b_rows)  # [G, T', OUT]
         return delta.view(*x.shape[:-1], self.out_features)
+
+    def _gather(self, gate, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each gate row's adapters, side by side: A [G, IN, k*R] and coef-scaled B [G, k*R, OUT]."""
+        indices, coef = gate.indices, gate.coefs[self.scaling_group]  # [G, k], [G, k, 1]
+        if indices.device != device:  # layers spread over devices (device_map)
+            indices, coef = indices.to(device), coef.to(device)
+        groups, k = indices.shape
+        rank = self.lora_A.shape[1]
+        flat_index = indices.view(-1)  # [G*k]
+        lora_a_rows = self.lora_A.index_select(0, flat_index).view(groups, k * rank, self.in_features)
+        lora_b_rows = self.lora_B.transpose(1, 2).index_select(0, flat_index).view(groups, k, rank, self.out_features)
+        lora_b_rows = lora_b_rows * coef.view(groups, k, 1, 1).to(lora_b_rows.dtype)
+        return lora_a_rows.transpose(1, 2), lora_b_rows.view(groups, k * rank, self.out_features)
