@@ -10,7 +10,11 @@ Three kinds:
   ``coef = weight * scaling[a]`` (0 for no adapter). One adapter per row (``k = 1``, weight 1 or 0) is the
   per-row selection of a mixed batch; ``k > 1`` is a weighted mixture (token routing, ``adapter_weights``).
   ``per_token`` gates have one row per token ([B * T, k], token routing without a KV cache); otherwise one row
-  per batch row, shared by all its tokens.
+  per batch row, shared by all its tokens. The torch strategy is chosen here, once, by size (G rows, k slots,
+  A adapters, T tokens per row): ``gather`` (each layer gathers its rows' adapters; kept on the gate for reuse
+  by every decoding step while G*k <= max(A, 16), i.e. at most one more copy of the stacks) or, for decode
+  steps with more row-slots than that, ``dense`` (every adapter's shrink in one matmul, masked by the per-row
+  coefficients [G, A], expand in one matmul: A < G*k, so it reads less than gathering would copy).
 
 `GateFactory` builds gates for one `LoraBank`: it precomputes ``coef`` once per distinct per-module scaling
 vector (usually one for the whole model), so a layer does no per-step arithmetic on the gate.
@@ -44,16 +48,18 @@ class LoraGate:
     backend: str = "torch"
     raw_indices: torch.Tensor | None = None
     weights: torch.Tensor | None = None
+    strategy: str = "gather"
+    dense_coefs: tuple[torch.Tensor, ...] = ()
+    cache_gathered: bool = False
     gathered: dict = field(default_factory=dict)
 
 
 BASE_GATE = LoraGate(BASE)
 
 GATHER_CACHE_MIN_ROWS = 16
-"""The torch MIXTURE path keeps each layer's gathered (row, adapter) weights for the gate's lifetime when G * k is
-at most max(A, this): so a call holds at most max(one more copy of the stacks, 16 adapter copies) per layer, freed
-with the gate. Larger gates (big batches over few adapters, per-token gates without a KV cache) gather again in
-every forward."""
+"""Decode gates keep each layer's gathered (row, adapter) weights for the gate's lifetime when G * k is at most
+max(A, this): a call then holds at most max(one more copy of the stacks, 16 adapter copies) per layer, freed with
+the gate. Larger decode gates use the dense strategy; prefill and per-token gates gather once, uncached."""
 
 
 class GateFactory:
@@ -100,10 +106,20 @@ class GateFactory:
         safe = torch.where(live, indices, torch.zeros_like(indices))  # [G, k]
         weights = weights.masked_fill(~live, 0.0)
         coefs = tuple((weights * group.to(weights.device)[safe]).unsqueeze(-1) for group in self.scaling_groups)
+        groups, k = indices.shape
+        adapters = len(self.scaling_groups[0])
+        decode = tokens == 1 and not per_token
+        cache = decode and groups * k <= max(adapters, GATHER_CACHE_MIN_ROWS)
+        strategy, dense_coefs = "gather", ()
+        if decode and not cache:
+            strategy = "dense"
+            dense_coefs = tuple(torch.zeros(groups, adapters, device=weights.device).scatter_add_(1, safe, c.squeeze(-1))
+                                for c in coefs)  # [G, A] each
         raw_indices, token_weights = None, None
         if self.backend == "triton":  # the kernel takes one gate row per token
             repeat = 1 if per_token else tokens
             raw_indices = torch.where(live, indices, torch.full_like(indices, -1)).repeat_interleave(repeat, dim=0)
             token_weights = weights.repeat_interleave(repeat, dim=0)
         return LoraGate(MIXTURE, indices=safe, coefs=coefs, per_token=per_token, backend=self.backend,
-                        raw_indices=raw_indices, weights=token_weights)
+                        raw_indices=raw_indices, weights=token_weights, strategy=strategy, dense_coefs=dense_coefs,
+                        cache_gathered=cache)

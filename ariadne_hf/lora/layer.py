@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gate import GATHER_CACHE_MIN_ROWS, MIXTURE, SINGLE
+from .gate import MIXTURE, SINGLE
 
 ACTIVE_PLAN: contextvars.ContextVar = contextvars.ContextVar("ariadne_lora_plan", default=None)
 """The LoRA plan of the current call (`ariadne_hf.lora.plans`); None = the plain backbone. One per context, so
@@ -93,14 +93,30 @@ class RoutedLoraLinear(nn.Module):
             delta = mixture_lora_triton(flat, lora_a, lora_b, self.scaling, gate.raw_indices, gate.weights,
                                         checked=False)  # [N, OUT]
             return delta.view(*x.shape[:-1], self.out_features)
+        if gate.strategy == "dense":
+            return self._dense_delta(x, gate)
         gathered = gate.gathered.get(self)
         if gathered is None:
             gathered = self._gather(gate, x.device)
-            if gate.indices.numel() <= max(lora_a.shape[0], GATHER_CACHE_MIN_ROWS):
+            if gate.cache_gathered:
                 gate.gathered[self] = gathered
         lora_a_rows, lora_b_rows = gathered  # [G, IN, kR], [G, kR, OUT] (coefficients folded into B)
         rows = x.reshape(lora_a_rows.shape[0], -1, self.in_features)  # [G, T', IN]  (T' = tokens per gate row)
         delta = torch.bmm(torch.bmm(rows, lora_a_rows), lora_b_rows)  # [G, T', OUT]
+        return delta.view(*x.shape[:-1], self.out_features)
+
+    def _dense_delta(self, x: torch.Tensor, gate) -> torch.Tensor:
+        """Every adapter's shrink in one matmul, masked per row by the dense coefficients, one expand matmul."""
+        adapters, rank = self.lora_A.shape[0], self.lora_A.shape[1]
+        coef = gate.dense_coefs[self.scaling_group]  # [G, A]
+        lora_b_flat = gate.gathered.get(self)
+        if lora_b_flat is None:  # [OUT, A*R]: B of every adapter side by side, laid out once per gate
+            lora_b_flat = gate.gathered[self] = self.lora_B.permute(1, 0, 2).reshape(self.out_features, -1)
+        coef = coef if coef.device == x.device else coef.to(x.device)
+        hidden = F.linear(x.reshape(-1, self.in_features), self.lora_A.reshape(adapters * rank, -1))  # [N, A*R]
+        hidden = hidden.view(coef.shape[0], -1, adapters, rank) * coef.view(coef.shape[0], 1, adapters, 1).to(
+            hidden.dtype)  # [G, T', A, R]
+        delta = F.linear(hidden.view(-1, adapters * rank), lora_b_flat)  # [N, OUT]
         return delta.view(*x.shape[:-1], self.out_features)
 
     def _gather(self, gate, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

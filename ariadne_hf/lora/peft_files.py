@@ -46,6 +46,8 @@ class AdapterLayout:
     ``modules`` maps the backbone module name to its `ModuleLora`; ``dtype`` is the file's weight dtype (used to
     write the adapter back bit-identically); ``source`` is the weights file and ``source_stat`` its (size,
     mtime_ns) when it was inspected (an unchanged file is copied on save instead of re-serialised).
+    ``base_copies`` maps file keys that hold a copy of a backbone weight (PEFT stores a targeted ``lm_head``'s own
+    weight next to its LoRA) to that backbone parameter's name; they were checked equal to the backbone's.
     """
 
     name: str
@@ -55,6 +57,7 @@ class AdapterLayout:
     dtype: torch.dtype
     modules: dict[str, ModuleLora] = field(default_factory=dict)
     sha256: str | None = None
+    base_copies: dict[str, str] = field(default_factory=dict)
 
     @property
     def num_bytes(self) -> int:
@@ -107,8 +110,12 @@ def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) 
     stat = os.stat(weights_path)
     pairs: dict[str, dict[str, tuple[str, list[int]]]] = {}
     dtype = None
+    base_copies = {}
     with safe_open(weights_path, framework="pt") as handle:
         for key in handle.keys():
+            if ".base_layer." in key and key.startswith(PEFT_PREFIX):
+                base_copies[key] = _check_base_copy(handle, key, linear_modules, name, path)
+                continue
             module_name, part = _split_key(key, name, path)
             shape = list(handle.get_slice(key).get_shape())
             pairs.setdefault(module_name, {})[part] = (key, shape)
@@ -116,10 +123,34 @@ def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) 
                 dtype = handle.get_slice(key).get_dtype()
     if not pairs:
         raise AdapterError(f"Adapter {name!r}: {weights_path} holds no LoRA weights.")
-    layout = AdapterLayout(name, config, weights_path, (stat.st_size, stat.st_mtime_ns), _torch_dtype(dtype, name))
+    layout = AdapterLayout(name, config, weights_path, (stat.st_size, stat.st_mtime_ns), _torch_dtype(dtype, name),
+                           base_copies=base_copies)
     for module_name, parts in sorted(pairs.items()):
         layout.modules[module_name] = _check_module(module_name, parts, linear_modules, name, path, config)
     return layout
+
+
+def _check_base_copy(handle, key: str, linear_modules: dict[str, nn.Module], name: str, path: str) -> str:
+    """A backbone weight PEFT saved beside the LoRA (e.g. a targeted lm_head's): accepted only if it is the
+    backbone's own, unchanged (an adapter that changes base weights cannot be routed per row)."""
+    module_name, _, attribute = key[len(PEFT_PREFIX):].partition(".base_layer.")
+    module = linear_modules.get(module_name)
+    if module is None:
+        raise AdapterError(
+            f"Adapter {name!r} at {path}: {key!r} belongs to LoRA on {module_name}, which is not a linear layer of this "
+            "backbone (an embedding layer, a conv layer, or a module of another base model). Routed LoRA layers "
+            "support LoRA on linear layers only: use an adapter whose target_modules are linear layers."
+        )
+    current = getattr(getattr(module, "base_layer", module), attribute, None)
+    stored = handle.get_tensor(key)
+    if current is None or current.shape != stored.shape or not torch.equal(current.detach().cpu().to(stored.dtype),
+                                                                            stored):
+        raise AdapterError(
+            f"Adapter {name!r} at {path}: {key!r} is a copy of the backbone's {module_name}.{attribute} that differs "
+            "from this backbone's (a resized vocabulary or a fine-tuned base layer). Routed LoRA layers apply LoRA "
+            "deltas only; use an adapter trained on this exact backbone without changing its weights."
+        )
+    return f"{module_name}.{attribute}"
 
 
 def _split_key(key: str, name: str, path: str) -> tuple[str, str]:

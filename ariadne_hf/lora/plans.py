@@ -54,7 +54,7 @@ def install_pregate_hook(backbone: torch.nn.Module) -> None:
 class SequencePlan:
     """One adapter per routed row: `adapters[i]` is the adapter index of row i (-1 = the plain backbone).
 
-    Gates are cached per (rows, tokens) seen, so decoding reuses one gate object for every step. All rows on one
+    Gates are cached per (rows, prefill or decode) seen, so decoding reuses one gate object for every step. All rows on one
     adapter give a SINGLE gate (PEFT's two matmuls); several adapters give a per-row MIXTURE gate with k = 1.
     """
 
@@ -67,7 +67,7 @@ class SequencePlan:
     def begin_forward(self, input_ids, rows: int, tokens: int) -> None:
         if self._uniform:
             return
-        key = (rows, tokens if self.factory.backend == "triton" else 1)
+        key = (rows, tokens if self.factory.backend == "triton" else min(tokens, 2))  # prefill and decode gates
         gate = self._gates.get(key)
         if gate is None:
             gate = self._gates[key] = self.factory.rows(self.adapters, rows, tokens, self.device)
@@ -83,7 +83,7 @@ class WeightsPlan:
         self.gate: LoraGate = BASE_GATE
 
     def begin_forward(self, input_ids, rows: int, tokens: int) -> None:
-        key = (rows, tokens if self.factory.backend == "triton" else 1)
+        key = (rows, tokens if self.factory.backend == "triton" else min(tokens, 2))
         gate = self._gates.get(key)
         if gate is None:
             routed = self.indices.shape[0]
