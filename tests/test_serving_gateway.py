@@ -57,9 +57,8 @@ def test_router_only_routes_equal_the_full_model(bundle_dir, full_model):
 
 
 def test_embedding_key_for_other_architectures_and_shards(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     from tiny_models import make_backbone
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     llama = make_backbone()
     llama.save_pretrained(tmp_path / "llama-sharded", max_shard_size="40KB")  # model.safetensors.index.json

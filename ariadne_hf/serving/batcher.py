@@ -220,7 +220,7 @@ class DynamicBatcher:
                 self.wakeup.clear()
                 try:
                     await asyncio.wait_for(self.wakeup.wait(), timeout=max(0.0, deadline - time.monotonic()))
-                except TimeoutError:
+                except asyncio.TimeoutError:  # (not the builtin before Python 3.11)
                     break
             jobs = self._take()
             if jobs:
