@@ -27,6 +27,7 @@ from .prompts import pad_id_of, text_ids
 from .protocol import ADAPTER_HEADER, ChatRequest, CompletionRequest, OpenAIError, public_name
 
 REPLICA_HEADER = "x-ariadne-replica"
+WARM_HEADER = "x-ariadne-warm"  # "1" when the replica already held the adapter before the request
 RESIDENT_HEADER = "x-ariadne-resident"
 
 
@@ -61,28 +62,29 @@ def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: in
 
         async def _prepare(self, kind: str, body: dict):
             adapter = serve.get_multiplexed_model_id()
+            warm = adapter in self.resident  # held before this request: a warm hit
             await self.hold_adapter(adapter)
             schema = ChatRequest if kind == "chat" else CompletionRequest
             request = schema.model_validate({**body, "model": adapter})
-            return self._engine().prepare(kind, request)
+            return self._engine().prepare(kind, request), warm
 
-        def _meta(self) -> dict:
-            return {"replica": self.replica, "resident": sorted(self.resident)}
+        def _meta(self, warm: bool = False) -> dict:
+            return {"replica": self.replica, "resident": sorted(self.resident), "warm": warm}
 
         async def generate(self, kind: str, body: dict) -> dict:
             try:
-                prepared = await self._prepare(kind, body)
-                return {"body": await self._engine().collect(prepared), **self._meta()}
+                prepared, warm = await self._prepare(kind, body)
+                return {"body": await self._engine().collect(prepared), **self._meta(warm)}
             except OpenAIError as err:
                 return {"error": err.body(), "status": err.status, **self._meta()}
 
         async def generate_stream(self, kind: str, body: dict):
             try:
-                prepared = await self._prepare(kind, body)
+                prepared, warm = await self._prepare(kind, body)
             except OpenAIError as err:
                 yield {"error": err.body(), "status": err.status, **self._meta()}
                 return
-            yield self._meta()
+            yield self._meta(warm)
             async for event in self._engine().stream(prepared):
                 yield event
 
@@ -136,14 +138,13 @@ class RayBackend:
         handle = self.generator.options(multiplexed_model_id=name, stream=req.stream)
         if not req.stream:
             result = await handle.generate.remote(kind, raw)
-            headers = {ADAPTER_HEADER: name, REPLICA_HEADER: result["replica"],
-                       RESIDENT_HEADER: ",".join(result["resident"])}
+            headers = _headers(name, result)
             if "error" in result:
                 return JSONResponse(result["error"], status_code=result["status"], headers=headers)
             return JSONResponse(result["body"], headers=headers)
         events = handle.generate_stream.remote(kind, raw)
         meta = await events.__anext__()
-        headers = {ADAPTER_HEADER: name, REPLICA_HEADER: meta["replica"], RESIDENT_HEADER: ",".join(meta["resident"])}
+        headers = _headers(name, meta)
         if "error" in meta:
             return JSONResponse(meta["error"], status_code=meta["status"], headers=headers)
 
@@ -155,6 +156,11 @@ class RayBackend:
                 events.cancel()  # a client gone mid-stream cancels the replica's generator -> its row stops
 
         return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+
+def _headers(adapter: str, meta: dict) -> dict:
+    return {ADAPTER_HEADER: adapter, REPLICA_HEADER: meta["replica"], RESIDENT_HEADER: ",".join(meta["resident"]),
+            WARM_HEADER: "1" if meta["warm"] else "0"}
 
 
 def build_ray_app(bundle: str, *, replicas: int = 2, adapters_per_replica: int = 4, max_batch_size: int = 16,
