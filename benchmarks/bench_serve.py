@@ -5,7 +5,7 @@
 
 Modes, each a real `ariadne serve` app (uvicorn on 127.0.0.1) over the same loaded bundle, the same prompts (8
 routing-dev tasks, one random rank-8 LoRA adapter each, `model: "auto"`), greedy, `max_tokens` new tokens:
-  batched        --max-batch-size 16 --max-wait-ms 10, N concurrent clients
+  batched        --max-batch-size 16 --max-wait-ms 10 (or --max-wait-ms), N concurrent clients
   unbatched      --max-batch-size 1, N concurrent clients (queueing, no dynamic batching)
   one-at-a-time  --max-batch-size 1, one client, requests back to back
   ray (--ray)    Ray Serve, 2 generation replicas x 1 CPU, 4 warm adapters each, N clients; warm-hit rate
@@ -92,11 +92,11 @@ async def run_load(base_url: str, prompts: list[str], clients: int, requests: in
             "p99": pick(0.99), "answers": answers, "warm_rate": (sum(warm) / len(warm)) if warm else None}
 
 
-def local_mode(model, prompts, *, clients, requests, new_tokens, max_batch_size, timeout) -> dict:
+def local_mode(model, prompts, *, clients, requests, new_tokens, max_batch_size, timeout, max_wait_ms=10.0) -> dict:
     from ariadne_hf.serving.launch import build_local_app
     from ariadne_hf.serving.runner import ServerThread
 
-    app = build_local_app("", model=model, max_batch_size=max_batch_size, max_wait_ms=10)
+    app = build_local_app("", model=model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
     with ServerThread(app) as server:
         result = asyncio.run(run_load(server.url, prompts, clients, requests, new_tokens, timeout))
         stats = httpx.get(server.url + "/stats").json()
@@ -129,6 +129,7 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--prompt-chars", type=int, default=300, help="prompts cut to this many characters")
     parser.add_argument("--timeout", type=float, default=300.0)
+    parser.add_argument("--max-wait-ms", type=float, default=10.0, help="batched mode's --max-wait-ms")
     parser.add_argument("--ray", action="store_true", help="also run Ray Serve mode (2 replicas)")
     parser.add_argument("--skip-unbatched", action="store_true")
     args = parser.parse_args()
@@ -141,7 +142,7 @@ def main() -> int:
         model, bundle, prompts = build_bundle(args.model, root, args.prompt_chars)
         common = dict(new_tokens=args.new_tokens, timeout=args.timeout)
         results = {"batched": local_mode(model, prompts, clients=args.clients, requests=args.requests,
-                                         max_batch_size=16, **common)}
+                                         max_batch_size=16, max_wait_ms=args.max_wait_ms, **common)}
         if not args.skip_unbatched:
             results["unbatched"] = local_mode(model, prompts, clients=args.clients, requests=args.requests // 2,
                                               max_batch_size=1, **common)
