@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .adapters import AdapterError, check_adapter_dir, file_sha256
-from .configuration_ariadne import AriadneConfig
+from .configuration_ariadne import AriadneConfig, validate_routing_options
 from .constants import (
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
@@ -35,6 +35,7 @@ from .constants import (
 from .lora import LoraBank
 
 logger = logging.getLogger(__name__)
+_KEEP = object()
 
 
 class BundleError(ValueError):
@@ -242,6 +243,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     Every bundle file is validated before the backbone is loaded, so a broken bundle fails fast and no
     half-built model is returned.
     """
+    resident_override = kwargs.pop("max_resident_adapters", _KEEP)
     hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
     hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
@@ -255,6 +257,9 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}.")
     directory = _resolve_directory(os.fspath(name_or_path), hub_kwargs)
     config, router = read_bundle(directory)
+    if resident_override is not _KEEP:
+        config.max_resident_adapters = resident_override
+        validate_routing_options(config)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -275,7 +280,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         ) from err
     check_backbone_matches(config, backbone.get_input_embeddings().weight, f"Bundle {directory}")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    lora = LoraBank(backbone)
+    lora = LoraBank(backbone, max_resident=config.max_resident_adapters)
     try:
         layouts = [lora.inspect(name, os.path.join(directory, ADAPTERS_DIR, name)) for name in config.adapter_names]
     except AdapterError as err:

@@ -46,6 +46,8 @@ class AriadneConfig(PreTrainedConfig):
         generation_strategy: ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate per
             routed adapter group, rows restored to input order).
         kernel_backend: routing kernel, ``None`` for automatic (Triton on CUDA, torch otherwise).
+        max_resident_adapters: how many adapters' LoRA weights sit in the routed layers at once (``None``: all).
+            The others stay in their safetensors files and are loaded when a call routes to them (LRU eviction).
         max_prompt_tokens: prompts are truncated to this many tokens when centroids are built.
         template_prefix_ids, template_suffix_ids: the tokens the chat template puts around one user message; routing
             ignores them in prompts that carry them exactly (so chat-formatted and raw prompts route alike).
@@ -75,6 +77,7 @@ class AriadneConfig(PreTrainedConfig):
     routing_temperature: float = 0.05
     generation_strategy: str = "batched"
     kernel_backend: str | None = None
+    max_resident_adapters: int | None = None
     max_prompt_tokens: int = 512
     template_prefix_ids: list[int] | None = None
     template_suffix_ids: list[int] | None = None
@@ -139,6 +142,9 @@ def validate_routing_options(config: Any) -> None:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:
         raise ValueError(f"num_centroids must be a positive integer, got {config.num_centroids!r}.")
+    resident = getattr(config, "max_resident_adapters", None)
+    if resident is not None and (isinstance(resident, bool) or not isinstance(resident, int) or resident < 1):
+        raise ValueError(f"max_resident_adapters must be a positive integer or None (all resident), got {resident!r}.")
     if not isinstance(config.reroute_every, int) or config.reroute_every < 0:
         raise ValueError(
             f"reroute_every must be an integer >= 0 (0 = route once from the prompt), got {config.reroute_every!r}."

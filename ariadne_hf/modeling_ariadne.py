@@ -21,6 +21,7 @@ from .embedding import embed_prompts, load_prompts
 from .kernels import dense_to_topk
 from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
+from .lora.token_routing import SlotResolver
 from .router import (
     AriadneRouter,
     RoutingDecision,
@@ -133,7 +134,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         backbone, backbone_id, backbone_revision = _load_backbone_for_build(
             base_model, revision=revision, dtype=dtype, device_map=device_map, token=token
         )
-        lora = LoraBank(backbone)
+        lora = LoraBank(backbone, max_resident=config_kwargs.get("max_resident_adapters"))
         layouts = [lora.inspect(n, adapter_dirs[n]) for n in adapter_order]  # all validated before any is loaded
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
@@ -233,6 +234,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
         Accepts the usual `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`
         (or `torch_dtype`), `device_map` and `attn_implementation`; the last three reach the backbone.
+        `max_resident_adapters=N` keeps only N adapters' weights in the layers (the rest load on demand).
         """
         return bundle_io.load_bundle(cls, pretrained_model_name_or_path, **kwargs)
 
@@ -353,14 +355,22 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return self.lora.factory(self.device, kernel_backend)
 
     def _sequence_plan(self, adapters: list[int], kernel_backend: str | None = None) -> SequencePlan:
-        """The LoRA plan of one adapter index per row (-1 = the plain backbone)."""
-        return SequencePlan(self._gate_factory(kernel_backend), adapters, self.device)
+        """The LoRA plan of one adapter index per row (-1 = the plain backbone); its adapters are made resident
+        and pinned until the call ends."""
+        used = {a for a in adapters if a >= 0}
+        slot = self.lora.acquire(used)
+        return SequencePlan(self._gate_factory(kernel_backend), [slot[a] if a >= 0 else -1 for a in adapters],
+                            self.device, release=lambda: self.lora.release(used))
 
     def _weights_plan(self, adapter_weights, batch_size: int, kernel_backend: str | None = None) -> WeightsPlan:
         weights = validate_adapter_weights(adapter_weights, batch_size, len(self.adapter_names))  # [B, A]
         k = max(1, int((weights > 0).sum(dim=-1).max()))
         indices, values = dense_to_topk(weights, k)  # [B, k] each; zero weights -> index -1
-        return WeightsPlan(self._gate_factory(kernel_backend), indices.to(self.device), values.to(self.device))
+        used = set(indices[indices >= 0].tolist())
+        slot = self.lora.acquire(used)
+        slots = indices.apply_(lambda a: slot[a] if a >= 0 else -1)  # [B, k] slot indices
+        return WeightsPlan(self._gate_factory(kernel_backend), slots.to(self.device), values.to(self.device),
+                           release=lambda: self.lora.release(used))
 
     def _call_plan(self, input_ids, attention_mask, adapter_names, adapter_weights, threshold, kernel_backend):
         """This call's routes and the LoRA plan that applies them (adapter_weights > adapter_names > routing)."""
@@ -438,19 +448,22 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         token_routing = options.routing == "token" and adapter_names is None and adapter_weights is None
+        grouped = options.generation_strategy == "grouped" and adapter_weights is None and not token_routing
         if token_routing:
             if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
                 raise ValueError("Token-level routing does not support beam search (num_beams > 1): beams are "
                                  "reordered every step. Use greedy decoding or sampling.")
             plan, decision = self._start_token_routing(input_ids, attention_mask, options, threshold)
+        elif grouped:  # one plan per adapter group, made by generate_grouped
+            plan, decision = None, self._decision_for_call(input_ids, attention_mask, adapter_names, threshold)
         else:
             decision, plan = self._call_plan(input_ids, attention_mask, adapter_names, adapter_weights, threshold,
                                              options.kernel_backend)
         if on_route is not None:
             on_route(decision)
-        if isinstance(plan, SequencePlan) and options.generation_strategy == "grouped":
-            output = generate_grouped(self.backbone, plan.adapters, input_ids, attention_mask, kwargs,
-                                      lambda adapters: self._sequence_plan(adapters, options.kernel_backend))
+        if grouped:
+            output = generate_grouped(self.backbone, decision.adapter_indices.tolist(), input_ids, attention_mask,
+                                      kwargs, lambda adapters: self._sequence_plan(adapters, options.kernel_backend))
         else:
             with use_plan(plan):
                 output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
@@ -475,7 +488,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask, embed_weight, backend=options.kernel_backend)
         decision = self.router.decide(scores, best, threshold)
         plan = TokenRoutingPlan(
-            self._gate_factory(options.kernel_backend), self.router, embed_weight, running_sum, running_weight,
+            SlotResolver(self.lora, self.device, options.kernel_backend), self.router, embed_weight, running_sum, running_weight,
             scores, reroute_every=options.reroute_every, top_k=options.routing_top_k,
             temperature=options.routing_temperature, reject_threshold=threshold, backend=options.kernel_backend,
         )

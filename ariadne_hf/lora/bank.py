@@ -5,6 +5,10 @@ layers' stacked buffers straight from the adapters' safetensors files (`peft_fil
 router order, and builds the `GateFactory` the call plans use. Loading N adapters reads each file once and
 allocates every layer's stacks once: O(total adapter bytes), never O(N^2) as injecting them one by one into
 PEFT is.
+
+With ``max_resident`` (``max_resident_adapters``) the layers hold only that many slots: the other adapters stay
+in their (memory-mapped) safetensors files until a call routes to them; `acquire` loads them, evicting the least
+recently used unpinned adapters (`residency.SlotTable`). Gates index slots, never adapters.
 """
 
 from __future__ import annotations
@@ -16,13 +20,15 @@ from ..kernels import resolve_backend
 from .gate import GateFactory
 from .layer import RoutedLoraLinear
 from .peft_files import AdapterLayout, inspect_adapter, read_module_weights, write_adapter
+from .residency import ResidencyStats, SlotTable
 
 
 class LoraBank:
     """The adapters of one routed model, in router order (index a = `names[a]`), and the layers holding them."""
 
-    def __init__(self, backbone: nn.Module):
+    def __init__(self, backbone: nn.Module, max_resident: int | None = None):
         self.backbone = backbone
+        self.slots = SlotTable(max_resident)
         self.layouts: list[AdapterLayout] = []
         self.layers: dict[str, RoutedLoraLinear] = {}
         for name, module in backbone.named_modules():
@@ -61,6 +67,33 @@ class LoraBank:
             total += sum(t.numel() * t.element_size() for t in live)
         return total
 
+    @property
+    def stats(self) -> ResidencyStats:
+        """Residency counters (hits, loads, evictions, bytes_loaded)."""
+        return self.slots.stats
+
+    def resident(self) -> list[str]:
+        """Names of the adapters whose weights are in the layers now."""
+        return [self.layouts[a].name for a in self.slots.adapter_in_slot if a >= 0]
+
+    def acquire(self, adapters) -> dict[int, int]:
+        """Make `adapters` (indices) resident and pin them for a call; returns {adapter: slot}. Release with
+        `release` when the call ends. Loads missing adapters from their files (least recently used evicted)."""
+        with self.slots.lock:
+            mapping, loads = self.slots.acquire(adapters)
+            for adapter, slot, _evicted in loads:
+                self._load(adapter, slot)
+            if loads:
+                self._refresh_groups()
+        return mapping
+
+    def release(self, adapters) -> None:
+        self.slots.release(adapters)
+
+    def slot_table(self, device: torch.device) -> torch.Tensor:
+        """Slot of every adapter [A] int64 on `device` (-1 = not resident)."""
+        return torch.tensor(self.slots.slot_of, dtype=torch.int64, device=device)
+
     def factory(self, device: torch.device, kernel_backend: str | None = None) -> GateFactory:
         """The gate factory for tensors on `device` ("triton" multi-LoRA kernel on CUDA when available)."""
         device = torch.device(device)
@@ -83,7 +116,8 @@ class LoraBank:
         if not layouts:
             return
         start = len(self.layouts)
-        total = start + len(layouts)
+        targets = [self.slots.append_adapter() for _ in layouts]  # slot to load each into now, or -1
+        total = self.slots.num_slots
         new_ranks: dict[str, int] = {}
         for layout in layouts:
             for module_name, module in layout.modules.items():
@@ -93,22 +127,22 @@ class LoraBank:
                 self._wrap(module_name)
         for module_name, layer in self.layers.items():
             _grow(layer, total, max(layer.lora_A.shape[1], new_ranks.get(module_name, 0)))
-        for offset, layout in enumerate(layouts):
-            index = start + offset
-            with torch.no_grad():
-                for module_name, weight_a, weight_b in read_module_weights(layout):
-                    layer, rank = self.layers[module_name], weight_a.shape[0]
-                    layer.lora_A[index, :rank].copy_(weight_a)
-                    layer.lora_B[index, :, :rank].copy_(weight_b)
-                    layer.ranks[index] = rank
-                    layer.scalings[index] = layout.modules[module_name].scaling
-                    layer.scaling[index] = layout.modules[module_name].scaling
         self.layouts.extend(layouts)
+        for offset, slot in enumerate(targets):
+            if slot >= 0:
+                self._load(start + offset, slot, fresh=self.slots.unlimited, on_demand=False)
         self._refresh_groups()
 
     def remove(self, name: str) -> None:
         """Drop adapter `name` from every layer (the others keep their order and weights)."""
         index = self.index(name)
+        slot = self.slots.remove_adapter(index)
+        del self.layouts[index]
+        if not self.slots.unlimited:
+            if slot >= 0:
+                self._clear_slot(slot)
+            self._refresh_groups()
+            return
         for layer in self.layers.values():
             keep = [i for i in range(len(layer.ranks)) if i != index]
             keep_t = torch.tensor(keep, dtype=torch.int64, device=layer.lora_A.device)
@@ -117,7 +151,6 @@ class LoraBank:
             layer.lora_B = layer.lora_B.index_select(0, keep_t)
             layer.scaling = layer.scaling.index_select(0, keep_t)
             del layer.ranks[index], layer.scalings[index]
-        del self.layouts[index]
         self._refresh_groups()
 
     def export(self, name: str, directory: str, base_model_name_or_path: str | None) -> tuple[str, bool]:
@@ -128,15 +161,46 @@ class LoraBank:
         """
         index = self.index(name)
         layout = self.layouts[index]
+        slot = self.slots.slot_of[index]
+        if slot < 0:  # not resident: its file is the only copy
+            return write_adapter(layout, directory, base_model_name_or_path, None)
         tensors = {key: self.backbone.get_parameter(_base_name(self.layers, parameter))
                    for key, parameter in layout.base_copies.items()}
         for module_name, module in layout.modules.items():
             layer = self.layers[module_name]
-            tensors[module.key_a] = layer.lora_A[index, : module.rank]
-            tensors[module.key_b] = layer.lora_B[index, :, : module.rank]
+            tensors[module.key_a] = layer.lora_A[slot, : module.rank]
+            tensors[module.key_b] = layer.lora_B[slot, :, : module.rank]
         return write_adapter(layout, directory, base_model_name_or_path, tensors)
 
     # ---- internals -------------------------------------------------------------------------------------------
+    def _load(self, adapter: int, slot: int, fresh: bool = False, on_demand: bool = True) -> None:
+        """Copy adapter `adapter`'s weights from its file into `slot` of every layer (other layers' rows zeroed).
+
+        `fresh`: the slot was just allocated (all zeros), so nothing needs clearing. `on_demand` loads (a call
+        needed the adapter) are counted in `stats`; filling the slots when adapters are added is not."""
+        layout = self.layouts[adapter]
+        if not fresh:
+            self._clear_slot(slot)
+        with torch.no_grad():
+            for module_name, weight_a, weight_b in read_module_weights(layout):
+                layer, rank = self.layers[module_name], weight_a.shape[0]
+                layer.lora_A[slot, :rank].copy_(weight_a)
+                layer.lora_B[slot, :, :rank].copy_(weight_b)
+                layer.ranks[slot] = rank
+                layer.scalings[slot] = layout.modules[module_name].scaling
+                layer.scaling[slot] = layout.modules[module_name].scaling
+        if on_demand:
+            self.slots.stats.loads += 1
+            self.slots.stats.bytes_loaded += layout.num_bytes
+
+    def _clear_slot(self, slot: int) -> None:
+        with torch.no_grad():
+            for layer in self.layers.values():
+                layer.lora_A[slot].zero_()
+                layer.lora_B[slot].zero_()
+                layer.scaling[slot] = 0.0
+                layer.ranks[slot], layer.scalings[slot] = 0, 0.0
+
     def _wrap(self, module_name: str) -> None:
         parent_name, _, child = module_name.rpartition(".")
         parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone

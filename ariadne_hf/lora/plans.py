@@ -23,12 +23,16 @@ from .layer import ACTIVE_PLAN
 
 @contextlib.contextmanager
 def use_plan(plan) -> Iterator[None]:
-    """Make `plan` the LoRA plan of the current context for the duration of the block."""
+    """Make `plan` the LoRA plan of the current context for the duration of the block; on exit the plan releases
+    the adapter slots it pinned (`release`)."""
     token = ACTIVE_PLAN.set(plan)
     try:
         yield
     finally:
         ACTIVE_PLAN.reset(token)
+        release = getattr(plan, "release", None)
+        if release is not None:
+            release()
 
 
 def _pregate(module: torch.nn.Module, args: tuple, kwargs: dict):
@@ -52,14 +56,15 @@ def install_pregate_hook(backbone: torch.nn.Module) -> None:
 
 
 class SequencePlan:
-    """One adapter per routed row: `adapters[i]` is the adapter index of row i (-1 = the plain backbone).
+    """One adapter per routed row: `adapters[i]` is the slot index of row i's adapter (-1 = the plain backbone).
 
     Gates are cached per (rows, prefill or decode) seen, so decoding reuses one gate object for every step. All rows on one
     adapter give a SINGLE gate (PEFT's two matmuls); several adapters give a per-row MIXTURE gate with k = 1.
     """
 
-    def __init__(self, factory: GateFactory, adapters: list[int], device: torch.device):
+    def __init__(self, factory: GateFactory, adapters: list[int], device: torch.device, release=None):
         self.factory, self.adapters, self.device = factory, list(adapters), device
+        self.release = release
         self._gates: dict[tuple[int, int], LoraGate] = {}
         self.gate: LoraGate = factory.single(self.adapters[0]) if len(set(self.adapters)) == 1 else BASE_GATE
         self._uniform = len(set(self.adapters)) == 1
@@ -75,10 +80,11 @@ class SequencePlan:
 
 
 class WeightsPlan:
-    """A fixed weighted mixture per routed row: `indices` [B, k] int64 (-1 = none), `weights` [B, k] fp32."""
+    """A fixed weighted mixture per routed row: slot `indices` [B, k] int64 (-1 = none), `weights` [B, k] fp32."""
 
-    def __init__(self, factory: GateFactory, indices: torch.Tensor, weights: torch.Tensor):
+    def __init__(self, factory: GateFactory, indices: torch.Tensor, weights: torch.Tensor, release=None):
         self.factory, self.indices, self.weights = factory, indices, weights
+        self.release = release
         self._gates: dict[tuple[int, int], LoraGate] = {}
         self.gate: LoraGate = BASE_GATE
 

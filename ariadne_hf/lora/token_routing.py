@@ -66,13 +66,40 @@ def _expand_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
     return tensor.repeat_interleave(rows // tensor.shape[0], dim=0)
 
 
+class SlotResolver:
+    """Adapter indices -> slot indices for one call, pinning adapters as the call first needs them.
+
+    With every adapter resident (the default) slots are adapter indices and nothing is pinned. With resident
+    slots (`max_resident_adapters`), a re-routing step that picks a non-resident adapter loads it then (one host
+    read of the new top-k per re-routing step, never per layer)."""
+
+    def __init__(self, bank, device: torch.device, kernel_backend: str | None):
+        self.bank, self.device, self.kernel_backend = bank, device, kernel_backend
+        self.acquired: set[int] = set()
+
+    def resolve(self, indices: torch.Tensor) -> tuple[torch.Tensor, GateFactory]:
+        """indices [G, k] adapter indices (-1 = none) -> (slot indices [G, k], the gate factory to use)."""
+        if not self.bank.slots.unlimited:
+            needed = set(indices[indices >= 0].tolist()) - self.acquired
+            if needed:
+                self.bank.acquire(needed)
+                self.acquired |= needed
+            table = self.bank.slot_table(indices.device)  # [A]
+            indices = torch.where(indices >= 0, table[indices.clamp(min=0)], torch.full_like(indices, -1))
+        return indices, self.bank.factory(self.device, self.kernel_backend)
+
+    def release(self) -> None:
+        self.bank.release(self.acquired)
+        self.acquired = set()
+
+
 class TokenRoutingPlan:
     """The per-call state of token-level routing (owned by one generate call; never shared)."""
 
-    def __init__(self, factory: GateFactory, router, embed_weight, running_sum, running_weight, scores, *,
+    def __init__(self, slots: SlotResolver, router, embed_weight, running_sum, running_weight, scores, *,
                  reroute_every: int, top_k: int, temperature: float, reject_threshold: float | None,
                  backend: str | None):
-        self.factory = factory
+        self.slots = slots
         self.router = router
         self.embed_weight = embed_weight  # [V, D]
         self.running_sum = running_sum  # [B, D] fp32
@@ -86,8 +113,7 @@ class TokenRoutingPlan:
         self.topk_indices, self.topk_weights = self._weights_from(scores)  # [B, k] each
         self.prompt_weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.position_weights: list[tuple[torch.Tensor, torch.Tensor]] = []  # the gate of each generated token
-        self.gate: LoraGate = factory.mixture(self.topk_indices, self.topk_weights)
-        self._gate_tokens = 1
+        self._set_gate(self.topk_indices, self.topk_weights, 1)
 
     def _weights_from(self, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         indices, weights = mixture_from_scores(scores, self.top_k, self.temperature, self.reject_threshold)
@@ -132,13 +158,16 @@ class TokenRoutingPlan:
                          torch.stack([g[0] for g in self.position_weights], dim=1)], dim=1)  # [B, T, k]
         w = torch.cat([prompt_w.unsqueeze(1).expand(-1, self.prompt_len, -1),
                        torch.stack([g[1] for g in self.position_weights], dim=1)], dim=1)  # [B, T, k]
-        self.gate = self.factory.mixture(idx.reshape(rows * tokens, -1), w.reshape(rows * tokens, -1),
-                                         per_token=True)
+        self._set_gate(idx.reshape(rows * tokens, -1), w.reshape(rows * tokens, -1), tokens, per_token=True)
+
+    def _set_gate(self, indices: torch.Tensor, weights: torch.Tensor, tokens: int, per_token: bool = False) -> None:
+        slots, factory = self.slots.resolve(indices)
+        self.gate: LoraGate = factory.mixture(slots, weights, tokens=tokens, per_token=per_token)
         self._gate_tokens = tokens
 
-    def _set_gate(self, indices: torch.Tensor, weights: torch.Tensor, tokens: int) -> None:
-        self.gate = self.factory.mixture(indices, weights, tokens=tokens)
-        self._gate_tokens = tokens
+    def release(self) -> None:
+        """Unpin the adapters this call made resident (called when the call's plan is deactivated)."""
+        self.slots.release()
 
     def _fold_in(self, newest: torch.Tensor) -> bool:
         """Add the newest token of every row to its running sum; re-score every `reroute_every` tokens.
