@@ -361,6 +361,10 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             )
 
     def _decision_for_call(self, input_ids, attention_mask, adapter_names, reject_threshold) -> RoutingDecision:
+        if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
+                and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
+                and attention_mask.shape[1] > input_ids.shape[1]):
+            attention_mask = attention_mask[:, -input_ids.shape[1]:]  # a cached call: the mask also covers the past
         if adapter_names is None:
             return self.route(input_ids=input_ids, attention_mask=attention_mask, reject_threshold=reject_threshold)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)

@@ -79,12 +79,13 @@ def exact_match(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[
 
 
 @torch.no_grad()
-def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str]) -> list[bool]:
-    """Multiple choice: the gold choice has the highest summed log-likelihood of `choice + end-of-turn` after the
-    prompt (lm-eval-harness "acc", ties to the first), scored with `adapter_names[i]` on row i."""
+def choice_scores_per_row(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str]) -> list[list[float]]:
+    """Multiple choice, one forward per row over every choice in full: summed log-likelihood of each
+    `choice + end-of-turn` after the prompt, with `adapter_names[i]` on row i. The reference the fast path
+    (`choice_scores`) is tested against; it runs the prompt once per choice."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     end = end_of_turn_ids(tokenizer)
-    hits = []
+    out = []
     for row, name in zip(rows, adapter_names, strict=True):
         prompt = prompt_ids(tokenizer, row["text"])
         completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]]
@@ -98,6 +99,69 @@ def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[
         live = torch.zeros_like(picked, dtype=torch.bool)
         for i, c in enumerate(completions):
             live[i, -len(c):] = True
-        scores = (picked * live).sum(dim=1)  # [C]
-        hits.append(int(scores.argmax()) == row["answer"])
-    return hits
+        out.append((picked * live).sum(dim=1).tolist())  # [C]
+    return out
+
+
+@torch.no_grad()
+def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str] | None = None, *,
+                  adapter_weights: torch.Tensor | None = None) -> list[list[float]]:
+    """Multiple choice with a shared prompt: the same log-likelihoods as `choice_scores_per_row` (up to float
+    rounding), each prompt run once.
+
+    Per row: one forward over the prompt with a KV cache (logits of the last position only), the cache expanded
+    to one row per choice (`DynamicCache.batch_repeat_interleave`), then one forward over all choices'
+    `choice + end-of-turn` tokens (right-padded) with the row's adapter (`adapter_names[i]`, or the fixed mixture
+    `adapter_weights[i]` [A]) on every expanded row. Cost ~ prompt + C x choice tokens instead of C x (prompt +
+    choice).
+    """
+    if (adapter_names is None) == (adapter_weights is None):
+        raise ValueError("choice_scores: pass exactly one of adapter_names (one per row) or adapter_weights [N, A].")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end = end_of_turn_ids(tokenizer)
+    out = []
+    for i, row in enumerate(rows):
+        if adapter_weights is not None:
+            route = lambda n, i=i: {"adapter_weights": adapter_weights[i:i + 1].expand(n, -1)}  # noqa: E731
+        else:
+            route = lambda n, i=i: {"adapter_names": [adapter_names[i]] * n}  # noqa: E731
+        prompt = torch.tensor([prompt_ids(tokenizer, row["text"])])  # [1, P]
+        completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]]
+        first = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True, logits_to_keep=1,
+                      **route(1))
+        cache = first.past_key_values
+        head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # [V], predicts each choice's first token
+        count, width = len(completions), max(len(c) for c in completions)
+        ids = torch.full((count, width), pad, dtype=torch.long)  # [C, W] right-padded
+        mask = torch.zeros((count, width), dtype=torch.long)
+        for c, tokens in enumerate(completions):
+            ids[c, :len(tokens)] = torch.tensor(tokens)
+            mask[c, :len(tokens)] = 1
+        scores = torch.tensor([float(head[tokens[0]]) for tokens in completions], dtype=torch.float64)  # [C]
+        if width > 1:
+            cache.batch_repeat_interleave(count)
+            attention = torch.cat([torch.ones(count, prompt.shape[1], dtype=torch.long), mask], dim=1)
+            logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
+                           use_cache=True, **route(count)).logits  # [C, W-1, V]
+            logprobs = torch.log_softmax(logits.float(), dim=-1)
+            picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [C, W-1]
+            scores += (picked * mask[:, 1:]).sum(dim=1).double()
+        out.append(scores.tolist())
+    return out
+
+
+def best_choice_hits(rows: Sequence[dict], scores: Sequence[list[float]]) -> list[bool]:
+    """Hit when the gold choice has the highest score (ties to the first, lm-eval-harness "acc")."""
+    return [max(range(len(s)), key=lambda c: (s[c], -c)) == row["answer"] for row, s in zip(rows, scores,
+                                                                                          strict=True)]
+
+
+def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str], *, fast: bool = True,
+                adapter_weights: torch.Tensor | None = None) -> list[bool]:
+    """Multiple choice: the gold choice has the highest summed log-likelihood of `choice + end-of-turn` after the
+    prompt (lm-eval-harness "acc", ties to the first), scored with `adapter_names[i]` (or the mixture
+    `adapter_weights[i]`) on row i; `fast` shares each prompt's KV cache across its choices (`choice_scores`)."""
+    if adapter_weights is not None:
+        return best_choice_hits(rows, choice_scores(model, tokenizer, rows, adapter_weights=adapter_weights))
+    scorer = choice_scores if fast else choice_scores_per_row
+    return best_choice_hits(rows, scorer(model, tokenizer, rows, adapter_names))
