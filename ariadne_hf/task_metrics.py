@@ -105,48 +105,57 @@ def choice_scores_per_row(model, tokenizer, rows: Sequence[dict], adapter_names:
 
 @torch.no_grad()
 def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str] | None = None, *,
-                  adapter_weights: torch.Tensor | None = None) -> list[list[float]]:
-    """Multiple choice with a shared prompt: the same log-likelihoods as `choice_scores_per_row` (up to float
+                  adapter_weights: torch.Tensor | None = None, batch_size: int = 16) -> list[list[float]]:
+    """Multiple choice with shared prompts: the same log-likelihoods as `choice_scores_per_row` (up to float
     rounding), each prompt run once.
 
-    Per row: one forward over the prompt with a KV cache (logits of the last position only), the cache expanded
-    to one row per choice (`DynamicCache.batch_repeat_interleave`), then one forward over all choices'
-    `choice + end-of-turn` tokens (right-padded) with the row's adapter (`adapter_names[i]`, or the fixed mixture
-    `adapter_weights[i]` [A]) on every expanded row. Cost ~ prompt + C x choice tokens instead of C x (prompt +
-    choice).
+    Rows are taken `batch_size` at a time, sorted by prompt length: one forward over the left-padded prompts with a
+    KV cache (logits of the last position only), the cache expanded to one row per choice (`reorder_cache` with
+    repeated indices), then one forward over every choice's `choice + end-of-turn` tokens (right-padded) with each
+    row's adapter (`adapter_names[i]`, or the fixed mixture `adapter_weights[i]` [A]) on its expanded rows.
+    Cost ~ prompt + C x choice tokens per row instead of C x (prompt + choice), in two calls per batch.
+    Left padding shifts a row's absolute positions, as in the per-row path; rotary attention sees only relative ones.
     """
     if (adapter_names is None) == (adapter_weights is None):
         raise ValueError("choice_scores: pass exactly one of adapter_names (one per row) or adapter_weights [N, A].")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     end = end_of_turn_ids(tokenizer)
-    out = []
-    for i, row in enumerate(rows):
-        if adapter_weights is not None:
-            route = lambda n, i=i: {"adapter_weights": adapter_weights[i:i + 1].expand(n, -1)}  # noqa: E731
-        else:
-            route = lambda n, i=i: {"adapter_names": [adapter_names[i]] * n}  # noqa: E731
-        prompt = torch.tensor([prompt_ids(tokenizer, row["text"])])  # [1, P]
-        completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]]
-        first = model(input_ids=prompt, attention_mask=torch.ones_like(prompt), use_cache=True, logits_to_keep=1,
-                      **route(1))
-        cache = first.past_key_values
-        head = torch.log_softmax(first.logits[0, -1].float(), dim=-1)  # [V], predicts each choice's first token
-        count, width = len(completions), max(len(c) for c in completions)
-        ids = torch.full((count, width), pad, dtype=torch.long)  # [C, W] right-padded
-        mask = torch.zeros((count, width), dtype=torch.long)
-        for c, tokens in enumerate(completions):
-            ids[c, :len(tokens)] = torch.tensor(tokens)
-            mask[c, :len(tokens)] = 1
-        scores = torch.tensor([float(head[tokens[0]]) for tokens in completions], dtype=torch.float64)  # [C]
+    prompts = [prompt_ids(tokenizer, row["text"]) for row in rows]
+    completions = [[tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    out: list[list[float]] = [[] for _ in rows]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        counts = torch.tensor([len(completions[i]) for i in batch])  # [b]
+        expand = torch.repeat_interleave(torch.arange(len(batch)), counts)  # [n] batch row of each choice row
+
+        def route(index: torch.Tensor, batch=batch) -> dict:
+            if adapter_weights is not None:
+                return {"adapter_weights": adapter_weights[torch.tensor(batch)][index]}
+            return {"adapter_names": [adapter_names[batch[int(j)]] for j in index]}
+
+        ids, mask = left_pad([prompts[i] for i in batch], pad)  # [b, P]
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                      **route(torch.arange(len(batch))))
+        head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # [b, V] predicts each choice's first token
+        flat = [c for i in batch for c in completions[i]]  # n completions
+        width = max(len(c) for c in flat)
+        cont = torch.full((len(flat), width), pad, dtype=torch.long)  # [n, W] right-padded
+        cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
+        for r, tokens in enumerate(flat):
+            cont[r, :len(tokens)] = torch.tensor(tokens)
+            cont_mask[r, :len(tokens)] = 1
+        scores = head[expand, cont[:, 0]].double()  # [n]
         if width > 1:
-            cache.batch_repeat_interleave(count)
-            attention = torch.cat([torch.ones(count, prompt.shape[1], dtype=torch.long), mask], dim=1)
-            logits = model(input_ids=ids[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
-                           use_cache=True, **route(count)).logits  # [C, W-1, V]
-            logprobs = torch.log_softmax(logits.float(), dim=-1)
-            picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)  # [C, W-1]
-            scores += (picked * mask[:, 1:]).sum(dim=1).double()
-        out.append(scores.tolist())
+            cache = first.past_key_values
+            cache.reorder_cache(expand)  # [b, ...] -> [n, ...]
+            attention = torch.cat([mask[expand], cont_mask], dim=1)  # [n, P + W]
+            logits = model(input_ids=cont[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
+                           use_cache=True, **route(expand)).logits  # [n, W-1, V]
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
+            scores += (picked * cont_mask[:, 1:]).sum(dim=1).double()  # [n]
+        for j, values in zip(batch, scores.split(counts.tolist()), strict=True):
+            out[j] = values.tolist()
     return out
 
 
