@@ -7,6 +7,7 @@ demo adapters were trained (examples/train_demo_adapters.py). Rows follow the ro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -139,24 +140,39 @@ def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequenc
                       **route(torch.arange(len(batch))))
         head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # [b, V] predicts each choice's first token
         flat = [c for i in batch for c in completions[i]]  # n completions
-        width = max(len(c) for c in flat)
-        cont = torch.full((len(flat), width), pad, dtype=torch.long)  # [n, W] right-padded
-        cont_mask = torch.zeros((len(flat), width), dtype=torch.long)
-        for r, tokens in enumerate(flat):
-            cont[r, :len(tokens)] = torch.tensor(tokens)
-            cont_mask[r, :len(tokens)] = 1
-        scores = head[expand, cont[:, 0]].double()  # [n]
-        if width > 1:
-            cache = first.past_key_values
-            cache.reorder_cache(expand)  # [b, ...] -> [n, ...]
-            attention = torch.cat([mask[expand], cont_mask], dim=1)  # [n, P + W]
+        scores = torch.tensor([float(head[expand[r], tokens[0]]) for r, tokens in enumerate(flat)],
+                              dtype=torch.float64)  # [n]
+        for chunk in _width_buckets([len(c) for c in flat]):  # similar lengths: little padding per forward
+            width = max(len(flat[r]) for r in chunk)
+            if width < 2:
+                continue
+            rows_of = expand[torch.tensor(chunk)]  # [m] batch row of each choice row
+            cont = torch.full((len(chunk), width), pad, dtype=torch.long)  # [m, W] right-padded
+            cont_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, index in enumerate(chunk):
+                cont[r, :len(flat[index])] = torch.tensor(flat[index])
+                cont_mask[r, :len(flat[index])] = 1
+            cache = copy.deepcopy(first.past_key_values)
+            cache.reorder_cache(rows_of)  # [b, ...] -> [m, ...]
+            attention = torch.cat([mask[rows_of], cont_mask], dim=1)  # [m, P + W]
             logits = model(input_ids=cont[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
-                           use_cache=True, **route(expand)).logits  # [n, W-1, V]
+                           use_cache=True, **route(rows_of)).logits  # [m, W-1, V]
             picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
-            scores += (picked * cont_mask[:, 1:]).sum(dim=1).double()  # [n]
+            scores[torch.tensor(chunk)] += (picked * cont_mask[:, 1:]).sum(dim=1).double()
         for j, values in zip(batch, scores.split(counts.tolist()), strict=True):
             out[j] = values.tolist()
     return out
+
+
+def _width_buckets(lengths: list[int], max_rows: int = 64) -> list[list[int]]:
+    """Indices grouped by length (ascending): a group closes at `max_rows` or when a length exceeds twice the
+    group's first length plus 2, so each forward pads little."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not groups or len(groups[-1]) >= max_rows or lengths[index] > 2 * lengths[groups[-1][0]] + 2:
+            groups.append([])
+        groups[-1].append(index)
+    return groups
 
 
 def best_choice_hits(rows: Sequence[dict], scores: Sequence[list[float]]) -> list[bool]:
