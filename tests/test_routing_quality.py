@@ -45,3 +45,25 @@ def test_defaults_select_the_right_task_on_24_real_tasks():
     plain = router_only_report(tokenizer, table, prompts["train"], prompts["test"], whitening="none")
     assert whitened["macro_accuracy"] >= 0.97, whitened["accuracy"]
     assert whitened["macro_accuracy"] > plain["macro_accuracy"] + 0.05
+
+
+def test_router_only_report_ood_figures_match_the_built_model(tiny_assets, tiny_model):
+    """Same calibration and ood scores as `from_adapters` builds; unseen-task prompts are recognised."""
+    from tiny_models import make_prompts
+    from transformers import AutoTokenizer
+
+    from ariadne_hf.calibration import ood_summary
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["backbone"])
+    table = tiny_model.get_input_embeddings().weight.detach()
+    legal = make_prompts("legal", 16, seed=4)
+    report = router_only_report(tokenizer, table, tiny_assets["train"], tiny_assets["test"], ood_test=legal,
+                                num_centroids=4)
+    assert report["calibration"]["threshold"] == tiny_model.config.ood_threshold
+    inside = torch.cat([tiny_model.route(tiny_assets["test"][n]).ood_scores for n in tiny_assets["test"]])
+    expected = ood_summary(inside, tiny_model.route(legal).ood_scores, tiny_model.config.ood_threshold)
+    assert report["ood"]["auroc"] == pytest.approx(expected["auroc"]) and report["ood"]["auroc"] > 0.9
+    assert report["ood"]["ood_reject_rate"] == pytest.approx(expected["ood_reject_rate"])
+    rejecting = router_only_report(tokenizer, table, tiny_assets["train"], tiny_assets["test"], reject="auto",
+                                   num_centroids=4)
+    assert rejecting["micro_accuracy"] <= report["micro_accuracy"]
