@@ -1,4 +1,4 @@
-"""Adapter sources: resolve (local folder or Hub id), validate (LoRA, safetensors only), load into PEFT, save."""
+"""Adapter sources: resolve (local folder or Hub id), validate (LoRA, safetensors only), summarise for the config."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import json
 import os
 from typing import Any
 
-import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model_state_dict
-from safetensors.torch import save_file
+from peft import LoraConfig, PeftConfig
 
 from .constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGHT_NAMES
 
@@ -75,50 +73,12 @@ def check_adapter_dir(path: str, name: str) -> LoraConfig:
     return config
 
 
-def load_adapter(model: torch.nn.Module, path: str, name: str) -> PeftModel:
-    """Load the LoRA adapter at `path` as `name` into a backbone or PeftModel; returns the PeftModel.
-
-    Raises AdapterError naming the adapter when its weights do not fit the backbone (another base model).
-    """
-    check_adapter_dir(path, name)
-    try:
-        if isinstance(model, PeftModel):
-            model.load_adapter(path, adapter_name=name, is_trainable=False)
-            peft_model = model
-        else:
-            peft_model = PeftModel.from_pretrained(model, path, adapter_name=name, is_trainable=False)
-    except (RuntimeError, ValueError, KeyError) as err:
-        raise AdapterError(
-            f"Adapter {name!r} at {path} does not fit this backbone ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:300]}). It was probably trained for another base model "
-            f"(its config says {_declared_base(path)!r})."
-        ) from err
-    _check_weights_loaded(peft_model, path, name)
-    peft_model.eval()
-    return peft_model
-
-
-def _declared_base(path: str) -> str | None:
+def declared_base(path: str) -> str | None:
     try:
         with open(os.path.join(path, ADAPTER_CONFIG_NAME), encoding="utf-8") as handle:
             return json.load(handle).get("base_model_name_or_path")
     except (OSError, ValueError):
         return None
-
-
-def _check_weights_loaded(peft_model: PeftModel, path: str, name: str) -> None:
-    """PEFT only warns about adapter keys it could not place; treat that as an error."""
-    from safetensors import safe_open
-
-    with safe_open(os.path.join(path, ADAPTER_WEIGHTS_NAME), framework="pt") as handle:
-        file_keys = set(handle.keys())
-    placed = set(get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False).keys())
-    missing = sorted(k for k in file_keys if k not in placed)
-    if missing:
-        raise AdapterError(
-            f"Adapter {name!r} at {path}: {len(missing)} weight(s) match no module of this backbone "
-            f"(e.g. {missing[0]}). It was probably trained for another base model."
-        )
 
 
 def adapter_summary(config: LoraConfig, weights_path: str, num_prompts: int, num_centroids: int) -> dict:
@@ -134,20 +94,3 @@ def adapter_summary(config: LoraConfig, weights_path: str, num_prompts: int, num
         "heldout_accuracy": None,
         "sha256": file_sha256(weights_path),
     }
-
-
-def save_adapter(peft_model: PeftModel, name: str, directory: str, base_model_name_or_path: str | None) -> str:
-    """Write adapter `name` as a PEFT folder (adapter_config.json + adapter_model.safetensors); returns the weights path."""
-    os.makedirs(directory, exist_ok=True)
-    state = get_peft_model_state_dict(peft_model, adapter_name=name, save_embedding_layers=False)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    weights_path = os.path.join(directory, ADAPTER_WEIGHTS_NAME)
-    save_file(state, weights_path, metadata={"format": "pt"})
-    config = peft_model.peft_config[name]
-    previous = (config.base_model_name_or_path, config.inference_mode)
-    config.base_model_name_or_path, config.inference_mode = base_model_name_or_path, True
-    try:
-        config.save_pretrained(directory)
-    finally:
-        config.base_model_name_or_path, config.inference_mode = previous
-    return weights_path

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import AdapterError, check_adapter_dir, file_sha256, load_adapter, save_adapter
+from .adapters import AdapterError, check_adapter_dir, file_sha256
 from .configuration_ariadne import AriadneConfig
 from .constants import (
     ADAPTER_WEIGHTS_NAME,
@@ -34,6 +34,7 @@ from .constants import (
     ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
 )
+from .lora import LoraBank
 
 logger = logging.getLogger(__name__)
 
@@ -63,14 +64,10 @@ def pin_backbone(name_or_path: str, revision: str | None, *, token: str | None =
 
 
 # ---- writing ------------------------------------------------------------------------------------------------
-def backbone_state_dict(peft_model) -> dict[str, torch.Tensor]:
-    """The backbone's own weights, without LoRA layers (keys as in the plain transformers model)."""
-    state = {}
-    for key, value in peft_model.get_base_model().state_dict().items():
-        if ".lora_" in key or "lora_embedding" in key or "lora_magnitude" in key:
-            continue
-        state[key.replace(".base_layer.", ".")] = value
-    return state
+def backbone_state_dict(backbone) -> dict[str, torch.Tensor]:
+    """The backbone's own weights, without LoRA (keys as in the plain transformers model: the routed layers'
+    LoRA buffers are not persistent, and each wrapped linear's `base_layer.` is dropped from its keys)."""
+    return {key.replace(".base_layer.", "."): value for key, value in backbone.state_dict().items()}
 
 
 def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool = False) -> None:
@@ -104,9 +101,9 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
             shutil.rmtree(os.path.join(adapters_root, stale))
     summaries = {}
     for name in config.adapter_names:
-        weights = save_adapter(model.peft_model, name, os.path.join(adapters_root, name),
-                               base_model_name_or_path=reference)
-        summaries[name] = {**config.adapters.get(name, {}), "sha256": file_sha256(weights)}
+        weights, copied = model.lora.export(name, os.path.join(adapters_root, name), base_model_name_or_path=reference)
+        known = model.lora.layout(name).sha256
+        summaries[name] = {**config.adapters.get(name, {}), "sha256": known if copied and known else file_sha256(weights)}
 
     router = model.router
     tensors = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
@@ -124,7 +121,7 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
 
     if include_backbone:
         backbone = model.backbone
-        backbone.save_pretrained(os.path.join(directory, BASE_DIR), state_dict=backbone_state_dict(model.peft_model))
+        backbone.save_pretrained(os.path.join(directory, BASE_DIR), state_dict=backbone_state_dict(backbone))
     saved = AriadneConfig.from_dict(config.to_dict())
     saved.backbone_name_or_path, saved.backbone_revision = reference, revision
     saved.adapters = summaries
@@ -312,13 +309,15 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         ) from err
     check_backbone_matches(config, backbone.get_input_embeddings().weight, f"Bundle {directory}")
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    peft_model: Any = backbone
-    for name in config.adapter_names:
-        try:
-            peft_model = load_adapter(peft_model, os.path.join(directory, ADAPTERS_DIR, name), name)
-        except AdapterError as err:
-            raise BundleError(f"Bundle {directory}: {err}") from err
-    model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
+    lora = LoraBank(backbone)
+    try:
+        layouts = [lora.inspect(name, os.path.join(directory, ADAPTERS_DIR, name)) for name in config.adapter_names]
+    except AdapterError as err:
+        raise BundleError(f"Bundle {directory}: {err}") from err
+    for layout in layouts:  # read_bundle verified each file against the recorded sha256
+        layout.sha256 = (config.adapters.get(layout.name) or {}).get("sha256")
+    lora.add(layouts)
+    model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
     model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
                             router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS), router.get(ROUTER_TRANSFORM))
     model.router.set_ood(router.get(ROUTER_TOKEN_COUNTS), router.get(ROUTER_OOD_STATS))

@@ -170,6 +170,21 @@ def cmd_pull(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serving.launch import serve
+
+    try:
+        serve(args.bundle, host=args.host, port=args.port, upstream=args.upstream, upstream_model=args.upstream_model,
+              upstream_base_model=args.upstream_base_model, upstream_api_key=args.upstream_api_key, ray=args.ray,
+              replicas=args.replicas, adapters_per_replica=args.adapters_per_replica,
+              max_batch_size=args.max_batch_size, max_wait_ms=args.max_wait_ms,
+              default_max_tokens=args.default_max_tokens, revision=args.revision)
+    except RuntimeError as err:  # a missing optional dependency
+        print(f"ariadne serve: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ariadne", description="Routed LoRA bundles for transformers/PEFT.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,6 +270,27 @@ def build_parser() -> argparse.ArgumentParser:
     pull.add_argument("--revision", default=None)
     pull.add_argument("--local-dir", default=None)
     pull.set_defaults(func=cmd_pull)
+    serve = sub.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API (extra: serve)")
+    serve.add_argument("bundle")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-batch-size", type=int, default=16, help="rows per generate call (dynamic batching)")
+    serve.add_argument("--max-wait-ms", type=float, default=10.0, help="longest wait to fill a batch")
+    serve.add_argument("--default-max-tokens", type=int, default=256, help="chat max_tokens when omitted")
+    serve.add_argument("--upstream", default=None, metavar="URL",
+                       help="gateway mode: route here, generate on this OpenAI base URL (e.g. http://host:8001/v1)")
+    serve.add_argument("--upstream-model", default="{adapter}", metavar="TEMPLATE",
+                       help="upstream model name per adapter: '{adapter}' (vLLM), 'BASE_ID:{adapter}' (SGLang), "
+                            "'org/{adapter}' (LoRAX)")
+    serve.add_argument("--upstream-base-model", default="base",
+                       help="upstream model name for the plain backbone (vLLM/SGLang: the served base id; LoRAX: '')")
+    serve.add_argument("--upstream-api-key", default=None, help="bearer token for the upstream")
+    serve.add_argument("--ray", action="store_true", help="scale out on Ray Serve (extra: ray)")
+    serve.add_argument("--replicas", type=int, default=2, help="Ray mode: generation replicas")
+    serve.add_argument("--adapters-per-replica", type=int, default=4,
+                       help="Ray mode: adapters a replica keeps warm (serve.multiplexed max_num_models_per_replica)")
+    serve.add_argument("--revision", default=None)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

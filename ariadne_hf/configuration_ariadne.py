@@ -11,7 +11,6 @@ from .constants import BASE_ADAPTER, BUNDLE_FORMAT_VERSION
 DISTANCES = ("cosine", "l2")
 ROUTING_GRANULARITIES = ("sequence", "token")
 GENERATION_STRATEGIES = ("batched", "grouped")
-LORA_BACKENDS = ("peft", "stacked")
 KERNEL_BACKENDS = (None, "torch", "triton")
 REJECT_MODES = (None, "auto")
 WHITENINGS = ("within", "none")
@@ -53,7 +52,6 @@ class AriadneConfig(PreTrainedConfig):
         routing_temperature: for token routing, softmax temperature over the top-k scores.
         generation_strategy: ``"batched"`` (one generate with per-row adapters) or ``"grouped"`` (one generate per
             routed adapter group, rows restored to input order).
-        lora_backend: ``"peft"`` (PEFT's mixed-batch LoRA forward) or ``"stacked"`` (our rank-padded per-row path).
         kernel_backend: routing kernel, ``None`` for automatic (Triton on CUDA, torch otherwise).
         max_prompt_tokens: prompts are truncated to this many tokens when centroids are built.
         template_prefix_ids, template_suffix_ids: the tokens the chat template puts around one user message; routing
@@ -87,7 +85,6 @@ class AriadneConfig(PreTrainedConfig):
     routing_top_k: int = 2
     routing_temperature: float = 0.05
     generation_strategy: str = "batched"
-    lora_backend: str = "stacked"
     kernel_backend: str | None = None
     max_prompt_tokens: int = 512
     template_prefix_ids: list[int] | None = None
@@ -147,8 +144,6 @@ def validate_routing_options(config: Any) -> None:
         raise ValueError(
             f"generation_strategy must be one of {GENERATION_STRATEGIES}, got {config.generation_strategy!r}."
         )
-    if config.lora_backend not in LORA_BACKENDS:
-        raise ValueError(f"lora_backend must be one of {LORA_BACKENDS}, got {config.lora_backend!r}.")
     if getattr(config, "whitening", "none") not in WHITENINGS:
         raise ValueError(f"whitening must be one of {WHITENINGS}, got {config.whitening!r}.")
     if getattr(config, "reject", None) not in REJECT_MODES:

@@ -14,15 +14,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, P
 from transformers.utils import ModelOutput
 
 from . import bundle as bundle_io
-from .adapters import AdapterError, adapter_summary, check_adapter_dir, load_adapter, resolve_adapter_dir
+from .adapters import AdapterError, adapter_summary, resolve_adapter_dir
 from .calibration import auto_threshold, calibrate_for_build, routable_token_ids
 from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
-from .constants import ADAPTER_WEIGHTS_NAME, BASE_ADAPTER
+from .constants import BASE_ADAPTER
 from .embedding import embed_prompts, load_prompts
-from .generation import generate_batched, generate_grouped
-from .lora_dispatch import LoraPlan, install_plan_hooks, use_plan
-from .mixing import MixturePlan, TokenRoutingState, clear_lora_stacks, validate_adapter_weights
+from .kernels import dense_to_topk
+from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
+from .lora.strategies import generate_grouped
 from .ood import token_counts
 from .router import (
     AriadneRouter,
@@ -51,20 +51,24 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     _keys_to_ignore_on_save = None
 
-    def __init__(self, config: AriadneConfig, peft_model: PeftModel | None = None, tokenizer=None):
+    def __init__(self, config: AriadneConfig, backbone: PreTrainedModel | None = None, lora: LoraBank | None = None,
+                 tokenizer=None):
         super().__init__(config)
-        if peft_model is None:
+        if backbone is None or lora is None:
             raise ValueError(
                 "AriadneRoutedModel needs its backbone and adapters: build it with AriadneRoutedModel.from_adapters("
                 "...) or load a bundle with from_pretrained(path_or_repo_id); from_config() is not supported."
             )
+        if lora.names != list(config.adapter_names):
+            raise ValueError(f"The LoRA bank holds {lora.names} but the config routes to {config.adapter_names}.")
         self.router = AriadneRouter(config.adapter_names, config.embedding_dim, config.distance)
-        self.peft_model = peft_model
+        self.backbone = backbone  # the transformers model, with RoutedLoraLinear layers swapped in
+        self.lora = lora
         self.tokenizer = tokenizer
-        backbone_generation = getattr(peft_model.get_base_model(), "generation_config", None)
+        backbone_generation = getattr(backbone, "generation_config", None)
         if backbone_generation is not None:
             self.generation_config = backbone_generation
-        install_plan_hooks(self.peft_model)
+        install_pregate_hook(backbone)
         self.post_init()
 
     def init_weights(self):
@@ -136,16 +140,14 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in adapter_order}
         hub_kwargs = {"token": token} if token else {}
         adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **hub_kwargs) for n in adapter_order}
-        lora_configs = {n: check_adapter_dir(adapter_dirs[n], n) for n in adapter_order}
 
         backbone, backbone_id, backbone_revision = _load_backbone_for_build(
             base_model, revision=revision, dtype=dtype, device_map=device_map, token=token
         )
+        lora = LoraBank(backbone)
+        layouts = [lora.inspect(n, adapter_dirs[n]) for n in adapter_order]  # all validated before any is loaded
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
-        peft_model: Any = backbone
-        for name in adapter_order:
-            peft_model = load_adapter(peft_model, adapter_dirs[name], name)
 
         embed_weight = backbone.get_input_embeddings().weight.detach()  # [V, D]
         config = AriadneConfig(
@@ -174,12 +176,12 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         tables = build_router_tables([pooled[n] for n in adapter_order], num_centroids=num_centroids,
                                      distance=distance, center=center, whitening=whitening, seed=seed)
         config.whitening_info = tables.whitening_info
-        for name, count in zip(adapter_order, tables.centroid_counts, strict=True):
-            config.adapters[name] = adapter_summary(
-                lora_configs[name], os.path.join(adapter_dirs[name], ADAPTER_WEIGHTS_NAME),
-                len(prompt_lists[name]), count,
-            )
-        model = cls(config, peft_model=peft_model, tokenizer=tokenizer)
+        for layout, count in zip(layouts, tables.centroid_counts, strict=True):
+            config.adapters[layout.name] = adapter_summary(layout.config, layout.source, len(prompt_lists[layout.name]),
+                                                           count)
+            layout.sha256 = config.adapters[layout.name]["sha256"]
+        lora.add(layouts)
+        model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
         model.router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights,
                                 tables.transform)
         calibration = calibrate_for_build(
@@ -216,11 +218,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         if name in self.config.adapter_names:
             raise ValueError(f"Adapter {name!r} already exists; remove_adapter({name!r}) first to replace it.")
         prompt_list = load_prompts(prompts, text_field=text_field, name=name)
-        path = resolve_adapter_dir(adapter, name)
-        lora_config = check_adapter_dir(path, name)
-        load_adapter(self.peft_model, path, name)
-        install_plan_hooks(self.peft_model)
-        clear_lora_stacks(self.peft_model)
+        layout = self.lora.inspect(name, resolve_adapter_dir(adapter, name))  # validated; nothing changed yet
         embed_weight = self.get_input_embeddings().weight.detach()
         points = embed_prompts(
             prompt_list, self.tokenizer, embed_weight, token_weights=self.router.optional_token_weights(),
@@ -231,17 +229,18 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         points = apply_transform(points, self.router.optional_center(), None if transform is None else transform.cpu())
         k = num_centroids or self.config.num_centroids
         centroids = kmeans(points, k, distance=self.config.distance, seed=seed)
+        summary = adapter_summary(layout.config, layout.source, len(prompt_list), centroids.shape[0])
+        layout.sha256 = summary["sha256"]
         counts = None
         if self.router.has_ood():  # the new adapter's token counts; the calibration becomes stale (not refit)
             counts = token_counts(routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
                                                      max_length=self.config.max_prompt_tokens), embed_weight.shape[0])
             logger.warning("add_adapter(%r): the out-of-distribution calibration is now stale (the new adapter's "
                            "prompts were not held out); rebuild with from_adapters to recalibrate.", name)
+        self.lora.add([layout])
         self.router.append_adapter(name, centroids, counts)
         self.config.adapter_names = list(self.router.adapter_names)
-        self.config.adapters[name] = adapter_summary(
-            lora_config, os.path.join(path, ADAPTER_WEIGHTS_NAME), len(prompt_list), centroids.shape[0]
-        )
+        self.config.adapters[name] = summary
 
     def remove_adapter(self, name: str) -> None:
         """Remove one adapter, its LoRA weights and its centroids; the other adapters are untouched."""
@@ -249,8 +248,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         if len(self.config.adapter_names) == 1:
             raise ValueError(f"Cannot remove {name!r}: a routed model needs at least one adapter.")
         self.router.drop_adapter(name)
-        self.peft_model.delete_adapter(name)
-        clear_lora_stacks(self.peft_model)
+        self.lora.remove(name)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters.pop(name, None)
 
@@ -281,11 +279,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return push_bundle(lambda d: self.save_pretrained(d, include_backbone=include_backbone), repo_id, **kwargs)
 
     # ---- accessors ---------------------------------------------------------------------------------------
-    @property
-    def backbone(self) -> PreTrainedModel:
-        """The underlying transformers model (with PEFT's LoRA layers injected)."""
-        return self.peft_model.get_base_model()
-
     @property
     def adapter_names(self) -> list[str]:
         return list(self.config.adapter_names)
@@ -361,10 +354,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             )
 
     def _decision_for_call(self, input_ids, attention_mask, adapter_names, reject_threshold) -> RoutingDecision:
-        if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
-                and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
-                and attention_mask.shape[1] > input_ids.shape[1]):
-            attention_mask = attention_mask[:, -input_ids.shape[1]:]  # a cached call: the mask also covers the past
         if adapter_names is None:
             return self.route(input_ids=input_ids, attention_mask=attention_mask, reject_threshold=reject_threshold)
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
@@ -382,7 +371,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
     def _call_options(self, **overrides) -> SimpleNamespace:
         """The config's routing options with this call's overrides (None = keep), validated."""
         fields = ("routing", "reroute_every", "routing_top_k", "routing_temperature", "generation_strategy",
-                  "lora_backend", "distance", "num_centroids", "kernel_backend")
+                  "distance", "num_centroids", "kernel_backend")
         options = SimpleNamespace(**{f: getattr(self.config, f) for f in fields})
         for key, value in overrides.items():
             if value is not None:
@@ -393,30 +382,42 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
                              f"({len(self.adapter_names)}).")
         return options
 
-    def _plan_factory(self, lora_backend: str):
-        """names -> the LoRA plan that applies them (PEFT mixed batch, or our stacked per-row path)."""
-        if lora_backend == "stacked":
-            order = self.adapter_names
-            return lambda names: MixturePlan.one_hot(
-                torch.tensor([order.index(n) if n != BASE_ADAPTER else -1 for n in names]), order)
-        return lambda names: LoraPlan(tuple(names))
+    def _gate_factory(self, kernel_backend: str | None = None):
+        return self.lora.factory(self.device, kernel_backend)
 
-    def _weights_plan(self, adapter_weights, batch_size: int) -> MixturePlan:
-        weights = validate_adapter_weights(adapter_weights, batch_size, len(self.adapter_names))
-        return MixturePlan.from_dense(weights, self.adapter_names)
+    def _sequence_plan(self, adapters: list[int], kernel_backend: str | None = None) -> SequencePlan:
+        """The LoRA plan of one adapter index per row (-1 = the plain backbone)."""
+        return SequencePlan(self._gate_factory(kernel_backend), adapters, self.device)
+
+    def _weights_plan(self, adapter_weights, batch_size: int, kernel_backend: str | None = None) -> WeightsPlan:
+        weights = validate_adapter_weights(adapter_weights, batch_size, len(self.adapter_names))  # [B, A]
+        k = max(1, int((weights > 0).sum(dim=-1).max()))
+        indices, values = dense_to_topk(weights, k)  # [B, k] each; zero weights -> index -1
+        return WeightsPlan(self._gate_factory(kernel_backend), indices.to(self.device), values.to(self.device))
+
+    def _call_plan(self, input_ids, attention_mask, adapter_names, adapter_weights, threshold, kernel_backend):
+        """This call's routes and the LoRA plan that applies them (adapter_weights > adapter_names > routing)."""
+        attention_mask = new_tokens_mask(input_ids, attention_mask)
+        if adapter_weights is not None:
+            validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
+            decision = self._decision_for_call(input_ids, attention_mask, None, threshold)
+            return decision, self._weights_plan(adapter_weights, input_ids.shape[0], kernel_backend)
+        decision = self._decision_for_call(input_ids, attention_mask, adapter_names, threshold)
+        return decision, self._sequence_plan(decision.adapter_indices.tolist(), kernel_backend)
 
     def forward(self, input_ids=None, attention_mask=None, *, adapter_names=None, adapter_weights=None,
-                lora_backend=None, reject_threshold=_UNSET, **kwargs):
+                reject_threshold=_UNSET, **kwargs):
         """Route each row, then run the backbone with each row's adapter; returns the backbone's output with
-        `.routes` (this call's RoutingDecision). `adapter_weights` [B, A] applies a fixed weighted mixture."""
+        `.routes` (this call's RoutingDecision). `adapter_weights` [B, A] applies a fixed weighted mixture.
+
+        `adapter_names` may list one name per row of `input_ids`, or one per routed row when the batch holds
+        each routed row repeated contiguously (as after expanding a KV cache per answer choice)."""
         if input_ids is None:
             raise ValueError("AriadneRoutedModel.forward needs input_ids (routing reads the token ids).")
-        options = self._call_options(lora_backend=lora_backend)
-        decision = self._decision_for_call(input_ids, attention_mask, adapter_names, reject_threshold)
-        if adapter_weights is not None:
-            plan = self._weights_plan(adapter_weights, input_ids.shape[0])
-        else:
-            plan = self._plan_factory(options.lora_backend)(decision.adapter_names)
+        _refuse_removed_options(kwargs)
+        threshold = self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold
+        decision, plan = self._call_plan(input_ids, attention_mask, adapter_names, adapter_weights, threshold,
+                                         self.config.kernel_backend)
         with use_plan(plan):
             output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if isinstance(output, ModelOutput):
@@ -437,7 +438,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         routing_top_k: int | None = None,
         routing_temperature: float | None = None,
         generation_strategy: str | None = None,
-        lora_backend: str | None = None,
         reject_threshold: float | None = _UNSET,
         on_route: Callable[[RoutingDecision], None] | None = None,
         **kwargs,
@@ -448,14 +448,15 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
           `routing` "sequence" (one adapter per prompt) or "token" (re-mix adapters while decoding, with
           `reroute_every`, `routing_top_k`, `routing_temperature`); `adapter_names` forces one adapter per row
           ("__base__" allowed); `adapter_weights` [B, A] forces a fixed weighted mixture per row;
-          `generation_strategy` "batched" | "grouped"; `lora_backend` "peft" | "stacked";
-          `reject_threshold`; `on_route(decision)` is called with this call's prompt routes.
+          `generation_strategy` "batched" | "grouped"; `reject_threshold`; `on_route(decision)` is called with
+          this call's prompt routes.
         With `return_dict_in_generate=True` the output has `.routes` (and `.token_routes` for token routing).
         All other arguments go to transformers' `generate` (greedy, sampling, beams, num_return_sequences, ...).
         """
+        _refuse_removed_options(kwargs)
         options = self._call_options(routing=routing, reroute_every=reroute_every, routing_top_k=routing_top_k,
                                      routing_temperature=routing_temperature,
-                                     generation_strategy=generation_strategy, lora_backend=lora_backend)
+                                     generation_strategy=generation_strategy)
         if input_ids is None:
             input_ids = inputs
         if kwargs.get("generation_config") is None:
@@ -465,35 +466,29 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         if input_ids is None:  # e.g. the pipeline's empty prompt: nothing to route
             decision = RoutingDecision([BASE_ADAPTER], torch.tensor([-1]), torch.zeros(1, len(self.adapter_names)),
                                        torch.tensor([float("nan")]), self.adapter_names, ["empty"])
-            with use_plan(LoraPlan((BASE_ADAPTER,))):
+            with use_plan(self._sequence_plan([-1])):
                 output = self.backbone.generate(attention_mask=attention_mask, **kwargs)
             return self._attach(output, decision, None, on_route)
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if adapter_weights is not None:
-            validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
-            plan = self._weights_plan(adapter_weights, input_ids.shape[0])
-            decision = self._decision_for_call(input_ids, attention_mask, None, threshold)
-            with use_plan(plan):
-                output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return self._attach(output, decision, None, on_route)
-        if options.routing == "token" and adapter_names is None:
-            state, decision = self._start_token_routing(input_ids, attention_mask, options, threshold)
-            if on_route is not None:
-                on_route(decision)
+        token_routing = options.routing == "token" and adapter_names is None and adapter_weights is None
+        if token_routing:
             if kwargs.get("num_beams", self.generation_config.num_beams or 1) > 1:
                 raise ValueError("Token-level routing does not support beam search (num_beams > 1): beams are "
                                  "reordered every step. Use greedy decoding or sampling.")
-            with use_plan(state):
-                output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-            return self._attach(output, decision, state.trace, None)
-        decision = self._decision_for_call(input_ids, attention_mask, adapter_names, threshold)
+            plan, decision = self._start_token_routing(input_ids, attention_mask, options, threshold)
+        else:
+            decision, plan = self._call_plan(input_ids, attention_mask, adapter_names, adapter_weights, threshold,
+                                             options.kernel_backend)
         if on_route is not None:
             on_route(decision)
-        generate_fn = generate_grouped if options.generation_strategy == "grouped" else generate_batched
-        output = generate_fn(self.backbone, decision, input_ids, attention_mask, kwargs,
-                             self._plan_factory(options.lora_backend))
-        return self._attach(output, decision, None, None)
+        if isinstance(plan, SequencePlan) and options.generation_strategy == "grouped":
+            output = generate_grouped(self.backbone, plan.adapters, input_ids, attention_mask, kwargs,
+                                      lambda adapters: self._sequence_plan(adapters, options.kernel_backend))
+        else:
+            with use_plan(plan):
+                output = self.backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return self._attach(output, decision, plan.trace if token_routing else None, None)
 
     @staticmethod
     def _attach(output, decision, trace, on_route):
@@ -506,19 +501,19 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return output
 
     def _start_token_routing(self, input_ids, attention_mask, options, threshold):
-        """Pool the prompt once (the running sums token routing then updates), score it, and build the state."""
+        """Pool the prompt once (the running sums token routing then updates), score it, and build the plan."""
         input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
         attention_mask = self._routing_mask(input_ids, attention_mask)
         embed_weight = self.get_input_embeddings().weight.detach()
         scores, best, running_sum, running_weight = self.router.context(
             input_ids, attention_mask, embed_weight, backend=options.kernel_backend)
         decision = self.router.decide(scores, best, threshold)
-        state = TokenRoutingState(
-            self.router, embed_weight, running_sum, running_weight, scores, reroute_every=options.reroute_every,
-            top_k=options.routing_top_k, temperature=options.routing_temperature, reject_threshold=threshold,
-            backend=options.kernel_backend,
+        plan = TokenRoutingPlan(
+            self._gate_factory(options.kernel_backend), self.router, embed_weight, running_sum, running_weight,
+            scores, reroute_every=options.reroute_every, top_k=options.routing_top_k,
+            temperature=options.routing_temperature, reject_threshold=threshold, backend=options.kernel_backend,
         )
-        return state, decision
+        return plan, decision
 
     # ---- evaluation ----------------------------------------------------------------------------------------
     def evaluate_heldout(self, prompts: Mapping[str, Any], *, text_field: str = "text", batch_size: int = 64) -> dict:
@@ -548,6 +543,16 @@ def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
     if special:
         weights[torch.tensor(special)] = 0.0
     return weights
+
+
+def new_tokens_mask(input_ids, attention_mask):
+    """The mask of `input_ids`' own positions: a cached forward (past_key_values) passes a mask [B, past + T] that
+    also covers the cached tokens; routing and validation read only its last T columns [B, T]."""
+    if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
+            and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
+            and attention_mask.shape[1] > input_ids.shape[1]):
+        return attention_mask[:, -input_ids.shape[1]:]
+    return attention_mask
 
 
 def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -587,3 +592,30 @@ def _load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
         load_kwargs["token"] = token
     backbone = AutoModelForCausalLM.from_pretrained(backbone_id, **load_kwargs)
     return backbone, backbone_id, pinned
+
+
+def validate_adapter_weights(weights, batch_size: int, num_adapters: int) -> torch.Tensor:
+    """Check a caller's mixture [B, A]: float, finite, >= 0, rows summing to 1 (or all zero = plain backbone)."""
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError("adapter_weights must be a float tensor [B, A] (one row of adapter weights per prompt).")
+    if weights.shape != (batch_size, num_adapters):
+        raise ValueError(
+            f"adapter_weights has shape {tuple(weights.shape)}, expected [B={batch_size}, A={num_adapters}] "
+            "(columns in model.adapter_names order)."
+        )
+    weights = weights.detach().to(torch.float32).cpu()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("adapter_weights must be finite and non-negative.")
+    sums = weights.sum(dim=-1)
+    bad = ~(((sums - 1).abs() <= 1e-4) | (sums == 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"adapter_weights row {row} sums to {float(sums[row]):.4f}; each row must sum to 1 "
+                         "(or be all zero for the plain backbone).")
+    return weights
+
+
+def _refuse_removed_options(kwargs: dict) -> None:
+    if "lora_backend" in kwargs:
+        raise ValueError("lora_backend was removed: every LoRA layer now runs through ariadne_hf's routed LoRA layers "
+                         "(PEFT folders stay the file format). Drop the argument.")

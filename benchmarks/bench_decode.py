@@ -3,18 +3,22 @@
 SmolLM2-135M-Instruct (or the tiny random Llama), 8 random LoRA adapters (rank 8), batch 1 and 8, 64 new tokens,
 greedy. Per token = (time(64 new tokens) - time(1 new token)) / 63, so prefill is excluded.
 Paths:
-  backbone alone | one adapter (PEFT) | PEFT mixed batch (adapter_names) | ours: sequence routing (peft and stacked
-  backends) | ours: token routing, reroute_every 1/2 x top_k 1/2/4 | naive per-token baseline: re-route the context,
-  add_weighted_adapter(..., "linear") into a fresh adapter and set_adapter it every step (the paper's code path;
-  per row, since a merged adapter is global).
-Ratios are against "one adapter (PEFT)". Goals (AdaFuse): token routing <= 1.3x, sequence routing <= 1.1x.
+  backbone alone (the physical floor) | one adapter (PEFT) | PEFT mixed batch (adapter_names, one adapter per row,
+  8 different adapters at batch 8) | ours: sequence routing as routed, and with the same per-row adapters as PEFT's
+  mixed batch | ours: token routing, reroute_every 1/2 x top_k 1/2/4 | naive per-token baseline: re-route the
+  context, add_weighted_adapter(..., "linear") into a fresh adapter and set_adapter it every step (the paper's code
+  path; per row, since a merged adapter is global).
+Ratios are against "one adapter (PEFT)" on the same batch, and against the backbone alone. Also printed: the bytes
+the routed model holds for its adapters vs the adapters' safetensors files.
 
-    python benchmarks/bench_decode.py [--model smollm2|tiny] [--batches 1 8] [--new-tokens 64]
+    python benchmarks/bench_decode.py [--model smollm2|tiny] [--batches 1 8] [--new-tokens 64] [--rounds 3]
+                                      [--token-grid] [--skip-naive]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 
@@ -24,21 +28,25 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from ariadne_hf import AriadneRoutedModel
-from ariadne_hf.mixing import mixture_from_scores
+from ariadne_hf.lora import mixture_from_scores
 
 
-def per_token_ms(run, new_tokens: int) -> float:
-    """(time of `new_tokens` tokens - time of 1 token) / (new_tokens - 1), best of 2, in ms."""
-    def best(n):
-        samples = []
-        for _ in range(2):
-            start = time.perf_counter()
-            run(n)
-            samples.append(time.perf_counter() - start)
-        return min(samples)
+def per_token_ms(paths: dict, new_tokens: int, rounds: int) -> dict[str, float]:
+    """ms per generated token of every path: (best time of `new_tokens` - best time of 1 token) / (new_tokens - 1).
 
-    run(2)  # warm-up
-    return 1000 * (best(new_tokens) - best(1)) / (new_tokens - 1)
+    Paths are interleaved round by round (A B C ... A B C ...) and each keeps its best time, so a slow moment of
+    the machine does not land on one path only."""
+    for run in paths.values():
+        run(2)  # warm-up
+    best_long = dict.fromkeys(paths, float("inf"))
+    best_short = dict.fromkeys(paths, float("inf"))
+    for _ in range(rounds):
+        for name, run in paths.items():
+            for n, best in ((new_tokens, best_long), (1, best_short)):
+                start = time.perf_counter()
+                run(n)
+                best[name] = min(best[name], time.perf_counter() - start)
+    return {name: 1000 * (best_long[name] - best_short[name]) / (new_tokens - 1) for name in paths}
 
 
 @torch.no_grad()
@@ -72,6 +80,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-naive", action="store_true")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (best of)")
+    parser.add_argument("--token-grid", action="store_true",
+                        help="all of reroute_every 1/2 x top_k 1/2/4 (default: the goals' every=2 top_k=2 only)")
     args = parser.parse_args()
     root = tempfile.mkdtemp()
     if args.model == "tiny":
@@ -84,7 +95,15 @@ def main() -> None:
     adapters = random_adapters(backbone_dir, list(train), root, uniform=True)
     model = AriadneRoutedModel.from_adapters(backbone_dir, adapters, train, num_centroids=4, progress=False)
     backbone = AutoModelForCausalLM.from_pretrained(backbone_dir).eval()
-    one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir), adapters[model.adapter_names[0]]).eval()
+    first = model.adapter_names[0]
+    one = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir), adapters[first]).eval()
+    peft_all = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir), adapters[first],
+                                      adapter_name=first).eval()
+    for name in model.adapter_names[1:]:
+        peft_all.load_adapter(adapters[name], adapter_name=name)
+    file_bytes = sum(os.path.getsize(os.path.join(d, "adapter_model.safetensors")) for d in adapters.values())
+    print(f"adapter memory: routed model {model.lora.memory_bytes() / 1e6:.2f} MB, safetensors files "
+          f"{file_bytes / 1e6:.2f} MB (x{model.lora.memory_bytes() / file_bytes:.3f})")
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
@@ -93,10 +112,10 @@ def main() -> None:
     print(f"{args.model}: {len(adapters)} adapters (rank 8), {torch.get_num_threads()} threads, "
           f"ms per generated token (prefill excluded); ratio vs one adapter (PEFT)")
     for batch_size in args.batches:
-        run_batch(model, backbone, one, tokenizer, prompts, batch_size, args)
+        run_batch(model, backbone, one, peft_all, tokenizer, prompts, batch_size, args)
 
 
-def run_batch(model, backbone, one, tokenizer, prompts, batch_size: int, args) -> None:
+def run_batch(model, backbone, one, peft_all, tokenizer, prompts, batch_size: int, args) -> None:
     picks = prompts[:: max(1, len(prompts) // batch_size)][:batch_size]
     batch = tokenizer(picks, return_tensors="pt", padding=True)
     gen = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
@@ -109,23 +128,24 @@ def run_batch(model, backbone, one, tokenizer, prompts, batch_size: int, args) -
     paths = {
         "backbone alone": lambda n: backbone.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
         "one adapter (PEFT)": lambda n: one.generate(**batch, max_new_tokens=n, min_new_tokens=n, **gen),
-        "PEFT mixed batch": lambda n: model.peft_model.generate(**batch, adapter_names=mixed_names,
-                                                                max_new_tokens=n, min_new_tokens=n, **gen),
-        "ours sequence (peft)": ours(lora_backend="peft"),
-        "ours sequence (stacked)": ours(lora_backend="stacked"),
+        "PEFT mixed batch": lambda n: peft_all.generate(**batch, adapter_names=mixed_names, max_new_tokens=n,
+                                                     min_new_tokens=n, **gen),
+        "ours sequence (routed)": ours(),
+        "ours sequence (PEFT's row adapters)": ours(adapter_names=mixed_names),
     }
-    for every in (1, 2):
-        for k in (1, 2, 4):
-            paths[f"ours token every={every} top_k={k}"] = ours(routing="token", reroute_every=every, routing_top_k=k)
-    results = {name: per_token_ms(run, args.new_tokens) for name, run in paths.items()}
+    grid = [(e, k) for e in (1, 2) for k in (1, 2, 4)] if args.token_grid else [(2, 2)]
+    for every, k in grid:
+        paths[f"ours token every={every} top_k={k}"] = ours(routing="token", reroute_every=every, routing_top_k=k)
+    results = per_token_ms(paths, args.new_tokens, args.rounds)
     if not args.skip_naive:
         start = time.perf_counter()
-        naive_token_routing(model, model.peft_model, batch, 16)
+        naive_token_routing(model, peft_all, batch, 16)
         results["naive add_weighted_adapter/step"] = 1000 * (time.perf_counter() - start) / 16
-    floor = results["one adapter (PEFT)"]
+    floor, physical = results["one adapter (PEFT)"], results["backbone alone"]
     print(f"\n-- batch {batch_size} (prompt {batch['input_ids'].shape[1]} tokens, routed to {sorted(set(routed))})")
+    print(f"{'path':<38} {'ms/token':>8}   {'vs PEFT 1':>9}  {'vs backbone':>11}")
     for name, ms in results.items():
-        print(f"{name:<36} {ms:8.2f} ms/token   x{ms / floor:5.2f}")
+        print(f"{name:<38} {ms:8.2f}   x{ms / floor:8.3f}  x{ms / physical:10.3f}")
 
 
 if __name__ == "__main__":

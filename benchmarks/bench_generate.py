@@ -2,9 +2,9 @@
 
 For a tiny random Llama and SmolLM2-135M-Instruct (the embedded default): 32 prompts over 8 adapters,
 32 new tokens (greedy, min_new_tokens=32 so every path generates the same amount):
-  - routed generate, batched, PEFT mixed-batch LoRA   (generation_strategy="batched", lora_backend="peft")
-  - routed generate, batched, our stacked per-row LoRA (lora_backend="stacked")
+  - routed generate, batched (our routed LoRA layers, per-row adapters in one generate; routing included)
   - routed generate, grouped (one generate per adapter group)
+  - PEFT's mixed batch with the same per-row adapters (adapter_names=..., what the routed layers replace)
   - the same batch on a single adapter (PEFT, set_adapter: the cost floor of any LoRA path)
   - a per-prompt loop, each prompt alone with its adapter
 and route() time as a fraction of generate time.
@@ -42,11 +42,17 @@ def bench(backbone_dir: str, label: str, repeats: int, new_tokens: int = 32) -> 
 
     single = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir),
                                        adapters[decision.adapter_names[0]]).eval()
+    names = model.adapter_names
+    peft_all = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(backbone_dir), adapters[names[0]],
+                                         adapter_name=names[0]).eval()
+    for name in names[1:]:
+        peft_all.load_adapter(adapters[name], adapter_name=name)
     with torch.no_grad():
         results = {
-            "routed batched (peft)": timed(lambda: model.generate(**batch, **gen, lora_backend="peft"), repeats),
-            "routed batched (stacked)": timed(lambda: model.generate(**batch, **gen, lora_backend="stacked"), repeats),
+            "routed batched": timed(lambda: model.generate(**batch, **gen), repeats),
             "routed grouped": timed(lambda: model.generate(**batch, **gen, generation_strategy="grouped"), repeats),
+            "PEFT mixed batch, same routes": timed(
+                lambda: peft_all.generate(**batch, **gen, adapter_names=decision.adapter_names), repeats),
             "single adapter, same batch": timed(lambda: single.generate(**batch, **gen), repeats),
         }
 
@@ -62,7 +68,8 @@ def bench(backbone_dir: str, label: str, repeats: int, new_tokens: int = 32) -> 
           f"prompt length {batch['input_ids'].shape[1]} (padded), {torch.get_num_threads()} threads")
     for name, seconds in results.items():
         print(f"{name:<30} {seconds * 1000:9.1f} ms   x{seconds / floor:5.2f} of single adapter")
-    best = min(("routed batched (peft)", "routed batched (stacked)", "routed grouped"), key=results.get)
+    print(f"routed batched / PEFT mixed batch: x{results['routed batched'] / results['PEFT mixed batch, same routes']:.2f}")
+    best = min(("routed batched", "routed grouped"), key=results.get)
     print(f"fastest routed strategy: {best}; per-prompt loop / fastest routed: "
           f"x{results['per-prompt loop'] / results[best]:.2f}")
     print(f"route() {route_time * 1000:.2f} ms = {route_time / results[best]:.4%} of routed generate")

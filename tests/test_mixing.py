@@ -6,21 +6,21 @@ import pytest
 import torch
 
 from ariadne_hf import BASE_ADAPTER
-from ariadne_hf.mixing import mixture_from_scores
+from ariadne_hf.lora import mixture_from_scores
 
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
 
 
-def test_stacked_sequence_routing_equals_peft(tiny_model, peft_oracle, mixed_batch):
+def test_mixed_batch_equals_peft_mixed_batch_with_beams(tiny_model, peft_oracle, mixed_batch):
     _, labels, batch = mixed_batch
     names = labels[:-1] + [BASE_ADAPTER]
-    stacked = tiny_model(**batch, adapter_names=names, lora_backend="stacked").logits
+    ours = tiny_model(**batch, adapter_names=names).logits
     peft = peft_oracle(**batch, adapter_names=names).logits
-    torch.testing.assert_close(stacked, peft, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours, peft, rtol=1e-5, atol=1e-5)
     beams = dict(num_beams=2, num_return_sequences=2, **GREEDY)
-    out_stacked = tiny_model.generate(**batch, lora_backend="stacked", **beams)
-    out_peft = tiny_model.generate(**batch, lora_backend="peft", **beams)
-    assert torch.equal(out_stacked, out_peft)
+    out_ours = tiny_model.generate(**batch, adapter_names=names, **beams)
+    out_peft = peft_oracle.generate(**batch, adapter_names=names, num_beams=2, **GREEDY)
+    assert torch.equal(out_ours[::2], out_peft)  # the first of each row's 2 returned beams is its best
 
 
 def test_one_hot_weights_equal_peft_with_that_adapter(tiny_model, peft_oracle, mixed_batch):
@@ -138,9 +138,12 @@ def test_bad_mixing_options_are_refused(tiny_model, mixed_batch):
         tiny_model.generate(**batch, adapter_weights=torch.full((rows, 3), 0.3), **GREEDY)
 
 
-def test_stacked_weights_follow_adapter_changes(tiny_assets, tmp_path, mixed_batch):
-    """Removing an adapter and adding another under the same name: the stacked path uses the new weights."""
+def test_routed_layers_follow_adapter_changes(tiny_assets, tmp_path, mixed_batch):
+    """Removing an adapter and adding another under the same name: the routed layers use the new weights,
+    exactly as PEFT does with that adapter file."""
+    from peft import PeftModel
     from tiny_models import save_adapter
+    from transformers import AutoModelForCausalLM
 
     from ariadne_hf import AriadneRoutedModel
 
@@ -148,11 +151,11 @@ def test_stacked_weights_follow_adapter_changes(tiny_assets, tmp_path, mixed_bat
                                              num_centroids=2, progress=False)
     _, _, batch = mixed_batch
     names = ["code"] * batch["input_ids"].shape[0]
-    before = model(**batch, adapter_names=names, lora_backend="stacked").logits  # builds and caches the stacks
+    before = model(**batch, adapter_names=names).logits
     model.remove_adapter("code")
     other = save_adapter(tiny_assets["backbone"], "legal", str(tmp_path / "other"), seed=11)
     model.add_adapter("code", other, tiny_assets["train"]["code"], progress=False)
-    stacked = model(**batch, adapter_names=names, lora_backend="stacked").logits
-    peft = model(**batch, adapter_names=names, lora_backend="peft").logits
-    torch.testing.assert_close(stacked, peft, rtol=1e-5, atol=1e-5)
-    assert (stacked - before).abs().max() > 1e-3
+    ours = model(**batch, adapter_names=names).logits
+    oracle = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["backbone"]), other).eval()
+    torch.testing.assert_close(ours, oracle(**batch).logits, rtol=1e-5, atol=1e-5)
+    assert (ours - before).abs().max() > 1e-3

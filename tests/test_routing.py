@@ -103,7 +103,7 @@ def test_add_adapter_computes_only_its_own_centroids_and_remove_drops_them(tiny_
     kept = torch.cat([before[:4], before[8:]])
     assert torch.equal(model.router.centroids[:8], kept)
     assert model.router.centroid_adapter.tolist() == [0] * 4 + [1] * 4 + [2] * 4
-    assert "poetry" not in model.peft_model.peft_config
+    assert "poetry" not in model.lora.names
     assert all(n in ("math", "code", "legal") for n in model.route(legal_test + tiny_assets["test"]["code"]).adapter_names)
 
 

@@ -143,6 +143,7 @@ def mixture_lora_triton(
     *,
     block_sizes: dict | None = None,
     out_splits: int | None = None,
+    checked: bool = True,
 ) -> torch.Tensor:
     """Semantics: delta[n] = sum_j w[n,j] * scaling[i] * B_i (A_i x[n]), i = topk_indices[n, j]; -1 adds nothing.
 
@@ -153,8 +154,11 @@ def mixture_lora_triton(
     Bytes it must touch: x (N*IN), delta (N*OUT) and the selected adapters' A and B (<= k*N*R*(IN+OUT)
     elements, far less when rows share adapters). ``block_sizes`` overrides ``default_blocks``;
     ``out_splits`` overrides the number of programs sharing a row tile's OUT tiles (``_out_splits``).
+    ``checked=False`` skips the argument checks (one device sync): for callers whose arguments are valid by
+    construction, such as the routed LoRA layers reading a gate built once per step.
     """
-    check_mixture_lora_args(x, lora_A, lora_B, scaling, topk_indices, topk_weights)
+    if checked:
+        check_mixture_lora_args(x, lora_A, lora_B, scaling, topk_indices, topk_weights)
     if x.stride(-1) != 1:
         raise ValueError(f"x must be contiguous in its last dimension, got strides {x.stride()}")
     if not (lora_A.is_contiguous() and lora_B.is_contiguous()):

@@ -5,21 +5,18 @@ from __future__ import annotations
 import torch
 from transformers.utils import ModelOutput
 
-from .lora_dispatch import LoraPlan, use_plan
-from .router import RoutingDecision
+from .plans import use_plan
 
 
-def generate_batched(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict,
-                     plan_for=lambda names: LoraPlan(tuple(names))):
+def generate_batched(backbone, adapters: list[int], input_ids, attention_mask, kwargs: dict, plan_for):
     """One `generate` over the whole batch; every LoRA layer applies each row's own adapter.
 
-    `plan_for(names)` builds the call's LoRA plan (PEFT mixed batch by default, or the stacked path)."""
-    with use_plan(plan_for(decision.adapter_names)):
+    `adapters[i]` is row i's adapter index (-1 = none); `plan_for(adapters)` builds the call's `SequencePlan`."""
+    with use_plan(plan_for(adapters)):
         return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def generate_grouped(backbone, decision: RoutingDecision, input_ids, attention_mask, kwargs: dict,
-                     plan_for=lambda names: LoraPlan(tuple(names))):
+def generate_grouped(backbone, adapters: list[int], input_ids, attention_mask, kwargs: dict, plan_for):
     """Rows grouped by routed adapter; one `generate` per group; outputs re-assembled in input order.
 
     Each group's adapter is selected through this call's own plan (no `set_adapter`, no shared state), so
@@ -27,15 +24,15 @@ def generate_grouped(backbone, decision: RoutingDecision, input_ids, attention_m
     exactly as a batched generate pads finished rows. With `return_dict_in_generate=True`, `sequences` (and
     `sequences_scores`) are merged; per-step fields (scores, logits, attentions) are not and are set to None.
     """
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(decision.adapter_names):
-        groups.setdefault(name, []).append(row)
+    groups: dict[int, list[int]] = {}
+    for row, adapter in enumerate(adapters):
+        groups.setdefault(adapter, []).append(row)
     if len(groups) == 1:
-        return generate_batched(backbone, decision, input_ids, attention_mask, kwargs, plan_for)
+        return generate_batched(backbone, adapters, input_ids, attention_mask, kwargs, plan_for)
     outputs, rows_per_group = [], []
-    for name, rows in groups.items():
+    for adapter, rows in groups.items():
         index = torch.tensor(rows, device=input_ids.device)
-        with use_plan(plan_for([name] * len(rows))):
+        with use_plan(plan_for([adapter] * len(rows))):
             outputs.append(
                 backbone.generate(input_ids=input_ids[index], attention_mask=attention_mask[index], **kwargs)
             )

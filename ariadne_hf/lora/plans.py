@@ -1,0 +1,96 @@
+"""Per-call LoRA plans: which adapters each row uses, turned into one `LoraGate` per forward pass (pre-gating).
+
+A plan belongs to one call (`generate`, `forward`) and is made active for it with `use_plan` (a context
+variable, so concurrent calls never share one). The backbone's forward pre-hook (`install_pregate_hook`) calls
+``plan.begin_forward(input_ids, rows, tokens)`` once per forward pass, before the first layer; the plan sets
+``plan.gate``, which every `RoutedLoraLinear` then reads.
+
+- `SequencePlan`: one adapter per routed row (sequence routing, ``adapter_names=``, the grouped strategy).
+- `WeightsPlan`: a fixed weighted mixture per row (``adapter_weights=``).
+- `TokenRoutingPlan` (`ariadne_hf.lora.token_routing`): gates recomputed while decoding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from .gate import BASE_GATE, GateFactory, LoraGate
+from .layer import ACTIVE_PLAN
+
+
+@contextlib.contextmanager
+def use_plan(plan) -> Iterator[None]:
+    """Make `plan` the LoRA plan of the current context for the duration of the block."""
+    token = ACTIVE_PLAN.set(plan)
+    try:
+        yield
+    finally:
+        ACTIVE_PLAN.reset(token)
+
+
+def _pregate(module: torch.nn.Module, args: tuple, kwargs: dict):
+    """Forward pre-hook of the backbone: the active plan computes this pass's gate before any layer runs."""
+    plan = ACTIVE_PLAN.get()
+    if plan is None:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    reference = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
+    if reference is None:
+        raise ValueError("ariadne_hf: the backbone was called without input_ids or inputs_embeds.")
+    plan.begin_forward(input_ids, reference.shape[0], reference.shape[1])
+    return None
+
+
+def install_pregate_hook(backbone: torch.nn.Module) -> None:
+    """Register the pre-gating hook on the backbone once (idempotent)."""
+    if not getattr(backbone, "_ariadne_pregate_hook", False):
+        backbone.register_forward_pre_hook(_pregate, with_kwargs=True)
+        backbone._ariadne_pregate_hook = True
+
+
+class SequencePlan:
+    """One adapter per routed row: `adapters[i]` is the adapter index of row i (-1 = the plain backbone).
+
+    Gates are cached per (rows, prefill or decode) seen, so decoding reuses one gate object for every step. All rows on one
+    adapter give a SINGLE gate (PEFT's two matmuls); several adapters give a per-row MIXTURE gate with k = 1.
+    """
+
+    def __init__(self, factory: GateFactory, adapters: list[int], device: torch.device):
+        self.factory, self.adapters, self.device = factory, list(adapters), device
+        self._gates: dict[tuple[int, int], LoraGate] = {}
+        self.gate: LoraGate = factory.single(self.adapters[0]) if len(set(self.adapters)) == 1 else BASE_GATE
+        self._uniform = len(set(self.adapters)) == 1
+
+    def begin_forward(self, input_ids, rows: int, tokens: int) -> None:
+        if self._uniform:
+            return
+        key = (rows, tokens if self.factory.backend == "triton" else min(tokens, 2))  # prefill and decode gates
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = self.factory.rows(self.adapters, rows, tokens, self.device)
+        self.gate = gate
+
+
+class WeightsPlan:
+    """A fixed weighted mixture per routed row: `indices` [B, k] int64 (-1 = none), `weights` [B, k] fp32."""
+
+    def __init__(self, factory: GateFactory, indices: torch.Tensor, weights: torch.Tensor):
+        self.factory, self.indices, self.weights = factory, indices, weights
+        self._gates: dict[tuple[int, int], LoraGate] = {}
+        self.gate: LoraGate = BASE_GATE
+
+    def begin_forward(self, input_ids, rows: int, tokens: int) -> None:
+        key = (rows, tokens if self.factory.backend == "triton" else min(tokens, 2))
+        gate = self._gates.get(key)
+        if gate is None:
+            routed = self.indices.shape[0]
+            if rows % routed:
+                raise RuntimeError(f"ariadne_hf: the backbone received {rows} rows but this call routed {routed}.")
+            repeat = rows // routed
+            gate = self._gates[key] = self.factory.mixture(
+                self.indices.repeat_interleave(repeat, dim=0), self.weights.repeat_interleave(repeat, dim=0),
+                tokens=tokens)
+        self.gate = gate

@@ -1,0 +1,220 @@
+"""Scale-out on Ray Serve: an ingress that routes, and generation replicas multiplexed by adapter.
+
+- `Ingress` (FastAPI through `@serve.ingress`, the same OpenAI API as the local server via app.create_app) holds only
+  the router (routing_only.py: tokenizer + embedding table + centroids, no backbone). It routes each request and calls
+  the generation deployment with `handle.options(multiplexed_model_id=<adapter>)`, so Ray's router prefers replicas
+  that already hold that adapter.
+- `Generator` replicas each load the bundle and run the local engine (dynamic batching, engine.py). A replica's
+  warm adapters are its `@serve.multiplexed(max_num_models_per_replica=K)` cache; responses name the replica
+  (`x-ariadne-replica`) and the adapters it held when it answered (`x-ariadne-resident`).
+
+What multiplexing buys here: on this CPU build every replica loads all of a bundle's adapters (the public loading API
+loads a whole bundle; LoRA weights are small), so the multiplexed cache decides *placement* (requests of one adapter
+concentrate on the replicas that served it, which keeps same-adapter rows together in their batches), not memory.
+Ray's multiplexed routing is best effort: a request may land on a replica that must first "load" its adapter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from .engine import forced_adapter, request_prompts, route_id_lists
+from .prompts import pad_id_of, text_ids
+from .protocol import ADAPTER_HEADER, ChatRequest, CompletionRequest, OpenAIError, public_name
+
+REPLICA_HEADER = "x-ariadne-replica"
+WARM_HEADER = "x-ariadne-warm"  # "1" when the replica already held the adapter before the request
+RESIDENT_HEADER = "x-ariadne-resident"
+
+
+def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: int, max_batch_size: int,
+                         max_wait_ms: float, default_max_tokens: int, num_cpus: float = 1.0):
+    """The generation deployment (a class built here so K reaches `serve.multiplexed` at definition time)."""
+
+    @serve.deployment(name="AriadneGenerator", num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus},
+                      max_ongoing_requests=4 * max_batch_size)
+    class Generator:
+        def __init__(self):
+            from ..modeling_ariadne import AriadneRoutedModel
+
+            self.model = AriadneRoutedModel.from_pretrained(bundle)
+            self.engine = None
+            self.resident: set[str] = set()
+            self.replica = serve.get_replica_context().replica_id.unique_id
+
+        @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
+        async def hold_adapter(self, adapter: str):
+            """Make `adapter` warm on this replica (its LoRA weights are already in the bundle's model)."""
+            return _Warm(adapter, self.resident)
+
+        def _engine(self):
+            if self.engine is None:  # created inside the replica's running loop (the batcher needs it)
+                from .engine import LocalEngine
+
+                self.engine = LocalEngine(self.model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                          default_max_tokens=default_max_tokens)
+                self.engine.start()
+            return self.engine
+
+        async def _prepare(self, kind: str, body: dict):
+            adapter = serve.get_multiplexed_model_id()
+            warm = adapter in self.resident  # held before this request: a warm hit
+            await self.hold_adapter(adapter)
+            schema = ChatRequest if kind == "chat" else CompletionRequest
+            request = schema.model_validate({**body, "model": adapter})
+            return self._engine().prepare(kind, request), warm
+
+        def _meta(self, warm: bool = False) -> dict:
+            return {"replica": self.replica, "resident": sorted(self.resident), "warm": warm}
+
+        async def generate(self, kind: str, body: dict) -> dict:
+            try:
+                prepared, warm = await self._prepare(kind, body)
+                return {"body": await self._engine().collect(prepared), **self._meta(warm)}
+            except OpenAIError as err:
+                return {"error": err.body(), "status": err.status, **self._meta()}
+
+        async def generate_stream(self, kind: str, body: dict):
+            try:
+                prepared, warm = await self._prepare(kind, body)
+            except OpenAIError as err:
+                yield {"error": err.body(), "status": err.status, **self._meta()}
+                return
+            yield self._meta(warm)
+            async for event in self._engine().stream(prepared):
+                yield event
+
+    return Generator
+
+
+class _Warm:
+    """A multiplexed 'model': marks an adapter warm on a replica until Ray's LRU evicts it (then __del__ runs)."""
+
+    def __init__(self, adapter: str, resident: set[str]):
+        self.adapter, self.resident = adapter, resident
+        resident.add(adapter)
+
+    def __del__(self):
+        self.resident.discard(self.adapter)
+
+
+class RayBackend:
+    """Backend of create_app inside the Ray ingress: route here, generate on the multiplexed Generator."""
+
+    def __init__(self, router, generator):
+        self.router, self.generator, self.tokenizer = router, generator, router.tokenizer
+        self.adapter_names = list(router.adapter_names)
+        self.pad_id = pad_id_of(self.tokenizer)
+        self.counts = {"requests": 0}
+
+    async def start(self) -> None:
+        pass
+
+    async def stop(self) -> None:
+        pass
+
+    def stats(self) -> dict:
+        return {"mode": "ray", **self.counts}
+
+    async def route(self, texts):
+        return route_id_lists(self.router, [text_ids(self.tokenizer, t) for t in texts], self.pad_id)
+
+    async def complete(self, kind: str, req, raw: dict) -> Response:
+        self.counts["requests"] += 1
+        forced = forced_adapter(req.model, self.adapter_names)
+        if forced is None:
+            routes = route_id_lists(self.router, request_prompts(kind, req, self.tokenizer), self.pad_id)
+            adapters = {info.adapter for info in routes}
+            if len(adapters) > 1:
+                raise OpenAIError(400, "Ray mode serves one adapter per request; these prompts route to "
+                                       f"{', '.join(sorted(map(public_name, adapters)))}. Send them separately.",
+                                  param="prompt", code="mixed_adapters")
+            forced = adapters.pop()
+        name = public_name(forced)
+        handle = self.generator.options(multiplexed_model_id=name, stream=req.stream)
+        if not req.stream:
+            result = await handle.generate.remote(kind, raw)
+            headers = _headers(name, result)
+            if "error" in result:
+                return JSONResponse(result["error"], status_code=result["status"], headers=headers)
+            return JSONResponse(result["body"], headers=headers)
+        events = handle.generate_stream.remote(kind, raw)
+        meta = await events.__anext__()
+        headers = _headers(name, meta)
+        if "error" in meta:
+            return JSONResponse(meta["error"], status_code=meta["status"], headers=headers)
+
+        async def relay():
+            try:
+                async for chunk in events:
+                    yield chunk
+            finally:
+                events.cancel()  # a client gone mid-stream cancels the replica's generator -> its row stops
+
+        return StreamingResponse(relay(), media_type="text/event-stream", headers=headers)
+
+
+def _headers(adapter: str, meta: dict) -> dict:
+    return {ADAPTER_HEADER: adapter, REPLICA_HEADER: meta["replica"], RESIDENT_HEADER: ",".join(meta["resident"]),
+            WARM_HEADER: "1" if meta["warm"] else "0"}
+
+
+def build_ray_app(bundle: str, *, replicas: int = 2, adapters_per_replica: int = 4, max_batch_size: int = 16,
+                  max_wait_ms: float = 10.0, default_max_tokens: int = 256, num_cpus: float = 1.0):
+    """The Serve application (ingress + generator), ready for `serve.run`."""
+    from .app import create_app
+    from .routing_only import load_routing_only
+
+    generator = generator_deployment(bundle, replicas=replicas, adapters_per_replica=adapters_per_replica,
+                                     max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                     default_max_tokens=default_max_tokens, num_cpus=num_cpus)
+
+    @serve.deployment(name="AriadneIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.ingress()
+    class Ingress:
+        def __init__(self, generator_handle):
+            self.backend = RayBackend(load_routing_only(bundle), generator_handle)
+
+        def __serve_build_asgi_app__(self):
+            return create_app(self.backend, title="ariadne serve (ray)")
+
+    return Ingress.bind(generator.bind())
+
+
+def start_ray(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, **options):
+    """Start (or join) a local Ray instance and Serve on host:port, and deploy the bundle. Returns the base URL."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(build_ray_app(bundle, **options), name="ariadne", route_prefix="/")
+    return f"http://{host}:{port}"
+
+
+def run_forever(bundle: str, *, host: str, port: int, **options) -> None:
+    """`ariadne serve BUNDLE --ray`: deploy and block until interrupted, then shut Serve and Ray down."""
+    import ray
+
+    url = start_ray(bundle, host=host, port=port, **options)
+    print(f"ariadne serve --ray: OpenAI API on {url}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            asyncio.run(asyncio.sleep(3600))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
