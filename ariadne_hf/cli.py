@@ -95,6 +95,9 @@ def cmd_info(args) -> int:
         "routing": config.routing,
         "centroids": int(router["router.centroids"].shape[0]),
         "adapters": config.adapters,
+        "reject": config.reject,
+        "ood_threshold": config.ood_threshold,
+        "ood_calibration": config.ood_calibration,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -103,6 +106,13 @@ def cmd_info(args) -> int:
     print(f"embedding  V={info['embedding'][0]} D={info['embedding'][1]}; distance {config.distance}; "
           f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
           f"{info['centroids']} centroids")
+    if config.ood_calibration:
+        from .calibration import calibration_stale
+
+        stale = calibration_stale(config)
+        print(f"ood        threshold {config.ood_threshold:.3f} (reject={config.reject!r}), cross-fitted "
+              f"{config.ood_calibration.get('folds')} folds, target false rejects "
+              f"{config.ood_calibration.get('target_reject_rate'):.1%}" + (f"; STALE: {stale}" if stale else ""))
     for name in config.adapter_names:
         meta = config.adapters.get(name, {})
         accuracy = meta.get("heldout_accuracy")
