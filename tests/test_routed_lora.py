@@ -202,3 +202,37 @@ def test_mixture_layer_equals_the_kernel_specification(rows, tokens, per_token, 
     expected = mixture_lora_ref(x.reshape(-1, 24), layer.lora_A, layer.lora_B, layer.scaling, token_indices,
                                 token_weights)
     torch.testing.assert_close(ours.reshape(-1, 40), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_add_adapter_grows_stacks_with_headroom_and_stays_exact(tiny_assets, tmp_path, mixed_batch):
+    _, _, batch = mixed_batch
+    model = _build(tiny_assets, dict(tiny_assets["adapters"]))
+    layer = model.lora.layers["model.layers.0.self_attn.q_proj"]
+    pointers = []
+    for i in range(4):
+        extra = _save_peft_adapter(tiny_assets["backbone"], tmp_path / f"x{i}", seed=20 + i, r=8,
+                                   target_modules=["q_proj", "v_proj"])
+        model.add_adapter(f"x{i}", extra, tiny_assets["train"]["math"], progress=False)
+        pointers.append(layer.lora_A.data_ptr())
+    assert layer.lora_A.shape[0] == 7 and pointers[2] == pointers[1]  # the 6th fit in the 5th's headroom: no copy
+    oracle = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_assets["backbone"]), extra).eval()
+    rows = batch["input_ids"].shape[0]
+    torch.testing.assert_close(model(**batch, adapter_names=["x3"] * rows).logits, oracle(**batch).logits,
+                               rtol=1e-5, atol=1e-5)
+    mixed = ["x0", "math", "x3", "code", BASE_ADAPTER, "x1"]
+    single = torch.stack([model(**batch, adapter_names=[n] * rows).logits[i] for i, n in enumerate(mixed)])
+    torch.testing.assert_close(model(**batch, adapter_names=mixed).logits, single, rtol=1e-5, atol=1e-5)
+
+
+def test_lm_head_adapter_round_trips_when_written_from_the_layers(tiny_assets, tmp_path):
+    source = _save_peft_adapter(tiny_assets["backbone"], tmp_path / "head", seed=8, r=2,
+                                target_modules=["lm_head", "q_proj"])
+    model = _build(tiny_assets, {"head": source})
+    assert model.lora.layout("head").base_copies  # PEFT stored the lm_head's own weight beside its LoRA
+    model.save_pretrained(tmp_path / "first")
+    reloaded = AriadneRoutedModel.from_pretrained(tmp_path / "first")
+    os.remove(tmp_path / "first" / "adapters" / "head" / "adapter_model.safetensors")
+    reloaded.save_pretrained(tmp_path / "second")
+    original, written = _tensors(source), _tensors(tmp_path / "second" / "adapters" / "head")
+    assert written.keys() == original.keys()
+    assert all(torch.equal(written[k], original[k]) for k in original)

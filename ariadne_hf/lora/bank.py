@@ -51,9 +51,15 @@ class LoraBank:
         return modules
 
     def memory_bytes(self) -> int:
-        """Bytes of every routed layer's stacked LoRA buffers (the adapters' run-time memory)."""
-        return sum(b.numel() * b.element_size() for layer in self.layers.values()
-                   for b in (layer.lora_A, layer.lora_B, layer.scaling))
+        """Bytes allocated for every routed layer's stacked LoRA buffers (the adapters' run-time memory,
+        including the headroom reserved by add_adapter)."""
+        total = 0
+        for layer in self.layers.values():
+            spare = getattr(layer, "_spare", None)
+            live = spare if spare is not None and spare[0].data_ptr() == layer.lora_A.data_ptr() else (
+                layer.lora_A, layer.lora_B, layer.scaling)
+            total += sum(t.numel() * t.element_size() for t in live)
+        return total
 
     def factory(self, device: torch.device, kernel_backend: str | None = None) -> GateFactory:
         """The gate factory for tensors on `device` ("triton" multi-LoRA kernel on CUDA when available)."""
@@ -106,6 +112,7 @@ class LoraBank:
         for layer in self.layers.values():
             keep = [i for i in range(len(layer.ranks)) if i != index]
             keep_t = torch.tensor(keep, dtype=torch.int64, device=layer.lora_A.device)
+            layer._spare = None
             layer.lora_A = layer.lora_A.index_select(0, keep_t)
             layer.lora_B = layer.lora_B.index_select(0, keep_t)
             layer.scaling = layer.scaling.index_select(0, keep_t)
@@ -121,7 +128,8 @@ class LoraBank:
         """
         index = self.index(name)
         layout = self.layouts[index]
-        tensors = {}
+        tensors = {key: self.backbone.get_parameter(_base_name(self.layers, parameter))
+                   for key, parameter in layout.base_copies.items()}
         for module_name, module in layout.modules.items():
             layer = self.layers[module_name]
             tensors[module.key_a] = layer.lora_A[index, : module.rank]
@@ -148,18 +156,42 @@ class LoraBank:
         self._factories.clear()
 
 
+HEADROOM = 1.25
+"""When stacks must grow by fewer adapters than they hold (add_adapter), they are reallocated with this factor of
+headroom, so a sequence of add_adapter calls copies each adapter O(1) times (amortised), as a list append does."""
+
+
 def _grow(layer: RoutedLoraLinear, adapters: int, rank: int) -> None:
-    """Resize a layer's stacks to [adapters, rank, ...], keeping existing rows (zero padding elsewhere)."""
-    old_a, old_b = layer.lora_A, layer.lora_B  # [A0, R0, IN], [A0, OUT, R0]
+    """Resize a layer's stacks to [adapters, rank, ...], keeping existing rows (zero padding elsewhere).
+
+    Growing the adapter count within the reserved capacity (same rank, same device and dtype) only re-slices the
+    buffers: O(1). Otherwise the stacks are reallocated: exactly `adapters` rows for a first (bulk) fill, with
+    `HEADROOM` when adapters are added to a non-empty bank."""
+    old_a, old_b, old_s = layer.lora_A, layer.lora_B, layer.scaling  # [A0, R0, IN], [A0, OUT, R0], [A0]
     count, old_rank = old_a.shape[0], old_a.shape[1]
     if (count, old_rank) == (adapters, rank):
         return
-    new_a = old_a.new_zeros(adapters, rank, layer.in_features)  # [A, R, IN]
-    new_b = old_b.new_zeros(adapters, layer.out_features, rank)  # [A, OUT, R]
-    new_a[:count, :old_rank] = old_a
-    new_b[:count, :, :old_rank] = old_b
-    new_scaling = layer.scaling.new_zeros(adapters)  # [A]
-    new_scaling[:count] = layer.scaling
-    layer.lora_A, layer.lora_B, layer.scaling = new_a, new_b, new_scaling
+    spare = getattr(layer, "_spare", None)  # (A, B, scaling) storage with capacity, or None
+    in_place = spare is not None and rank == old_rank and adapters <= spare[0].shape[0] and all(
+        stored.data_ptr() == live.data_ptr() and stored.dtype == live.dtype  # not moved by .to() since
+        for stored, live in zip(spare, (old_a, old_b, old_s), strict=True))
+    if in_place:
+        layer.lora_A, layer.lora_B, layer.scaling = (t[:adapters] for t in spare)
+    else:
+        capacity = adapters if count == 0 or adapters - count >= count else max(adapters, int(count * HEADROOM) + 1)
+        new_a = old_a.new_zeros(capacity, rank, layer.in_features)  # [C, R, IN]
+        new_b = old_b.new_zeros(capacity, layer.out_features, rank)  # [C, OUT, R]
+        new_s = old_s.new_zeros(capacity)  # [C]
+        new_a[:count, :old_rank] = old_a
+        new_b[:count, :, :old_rank] = old_b
+        new_s[:count] = old_s
+        layer._spare = (new_a, new_b, new_s) if capacity > adapters else None
+        layer.lora_A, layer.lora_B, layer.scaling = new_a[:adapters], new_b[:adapters], new_s[:adapters]
     layer.ranks.extend([0] * (adapters - len(layer.ranks)))
     layer.scalings.extend([0.0] * (adapters - len(layer.scalings)))
+
+
+def _base_name(layers: dict[str, RoutedLoraLinear], parameter: str) -> str:
+    """The backbone parameter name of `parameter` ("<module>.<attr>"), through a routed layer's base_layer."""
+    module_name, _, attribute = parameter.rpartition(".")
+    return f"{module_name}.base_layer.{attribute}" if module_name in layers else parameter
