@@ -28,6 +28,8 @@ from .constants import (
     ROUTER_CENTER,
     ROUTER_CENTROID_ADAPTER,
     ROUTER_CENTROIDS,
+    ROUTER_OOD_STATS,
+    ROUTER_TOKEN_COUNTS,
     ROUTER_TOKEN_WEIGHTS,
     ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
@@ -112,6 +114,9 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
         tensors[ROUTER_TOKEN_WEIGHTS] = router.token_weights
     if router.optional_transform() is not None:
         tensors[ROUTER_TRANSFORM] = router.transform
+    if router.has_ood():
+        tensors[ROUTER_TOKEN_COUNTS] = router.token_counts
+        tensors[ROUTER_OOD_STATS] = router.ood_stats
     router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, router_path, metadata={"format": "pt"})
 
@@ -213,7 +218,36 @@ def _read_router(directory: str, config: AriadneConfig) -> dict[str, torch.Tenso
             f"{ROUTER_WEIGHTS_NAME} {'has no' if transform is None else 'has a'} whitening matrix "
             f"({ROUTER_TRANSFORM!r}); the files come from different bundles. Re-save or rebuild the bundle."
         )
+    _check_ood_tensors(directory, config, tensors)
     return tensors
+
+
+def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """The out-of-distribution tables come as a pair, fit the adapter list and vocabulary, and match the config."""
+    counts, stats = tensors.get(ROUTER_TOKEN_COUNTS), tensors.get(ROUTER_OOD_STATS)
+    where = f"Bundle {directory}: {ROUTER_WEIGHTS_NAME}"
+    if (counts is None) != (stats is None):
+        raise BundleError(f"{where} holds only one of {ROUTER_TOKEN_COUNTS!r} and {ROUTER_OOD_STATS!r}; the router "
+                          "file is corrupt. Rebuild the bundle with from_adapters.")
+    if counts is None:
+        if getattr(config, "reject", None) == "auto":
+            raise BundleError(f"{where} has no out-of-distribution tables but config.json says reject='auto'. Set "
+                              "reject to null in config.json or rebuild the bundle with from_adapters.")
+        return
+    vocab = config.embedding_vocab_size
+    if (counts.ndim != 2 or counts.shape[0] != len(config.adapter_names)
+            or (vocab is not None and counts.shape[1] != vocab) or counts.dtype.is_floating_point
+            or bool((counts < 0).any())):
+        raise BundleError(f"{where}: {ROUTER_TOKEN_COUNTS!r} has shape {tuple(counts.shape)} and dtype {counts.dtype} "
+                          f"(expected non-negative integers [{len(config.adapter_names)}, {vocab}]: one row per "
+                          "adapter); the router file belongs to another bundle.")
+    if stats.shape != (2, 4) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
+        raise BundleError(f"{where}: {ROUTER_OOD_STATS!r} must be finite [2, 4] with positive sd, got "
+                          f"{tuple(stats.shape)}; the router file is corrupt.")
+    threshold = getattr(config, "ood_threshold", None)
+    if threshold is None or not isinstance(getattr(config, "ood_calibration", None), dict):
+        raise BundleError(f"{where} holds out-of-distribution tables but config.json has no ood_threshold / "
+                          "ood_calibration; the files come from different bundles. Re-save or rebuild the bundle.")
 
 
 def check_backbone_matches(config: AriadneConfig, embed_weight: torch.Tensor, where: str) -> None:
@@ -291,6 +325,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
     model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
                             router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS), router.get(ROUTER_TRANSFORM))
+    model.router.set_ood(router.get(ROUTER_TOKEN_COUNTS), router.get(ROUTER_OOD_STATS))
     model.router.to(backbone.get_input_embeddings().weight.device)
     model.eval()
     return model

@@ -95,6 +95,9 @@ def cmd_info(args) -> int:
         "routing": config.routing,
         "centroids": int(router["router.centroids"].shape[0]),
         "adapters": config.adapters,
+        "reject": config.reject,
+        "ood_threshold": config.ood_threshold,
+        "ood_calibration": config.ood_calibration,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -103,6 +106,13 @@ def cmd_info(args) -> int:
     print(f"embedding  V={info['embedding'][0]} D={info['embedding'][1]}; distance {config.distance}; "
           f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
           f"{info['centroids']} centroids")
+    if config.ood_calibration:
+        from .calibration import calibration_stale
+
+        stale = calibration_stale(config)
+        print(f"ood        threshold {config.ood_threshold:.3f} (reject={config.reject!r}), cross-fitted "
+              f"{config.ood_calibration.get('folds')} folds, target false rejects "
+              f"{config.ood_calibration.get('target_reject_rate'):.1%}" + (f"; STALE: {stale}" if stale else ""))
     for name in config.adapter_names:
         meta = config.adapters.get(name, {})
         accuracy = meta.get("heldout_accuracy")
@@ -121,17 +131,23 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_bundle, read_records
-    from .reports import routing_table, scores_table
+    from .reports import ood_table, routing_table, scores_table
 
+    if args.routing != "token" and (args.reroute_every is not None or args.top_k is not None):
+        raise ValueError("--reroute-every and --top-k apply to --routing token only.")
     model = _load(args.bundle, args)
     rows = read_records(args.data, text_field=args.text_field, task_field=args.task_field)
     if args.max_per_task:
         rows = first_per_task(rows, args.max_per_task)
+    ood_rows = read_records(args.ood, text_field=args.text_field, task_field=None) if args.ood else None
     report = evaluate_bundle(model, rows, task_to_adapter=_pairs(args.task_map, "--task-map"), metric=args.metric,
-                             out_dir=args.out, as_chat=not args.plain)
+                             out_dir=args.out, as_chat=not args.plain, ood_rows=ood_rows, routing=args.routing,
+                             reroute_every=args.reroute_every, top_k=args.top_k)
     print("\n".join(routing_table(report)))
     if report.get("task_scores"):
         print("\n" + "\n".join(scores_table(report["task_scores"])))
+    if report.get("ood"):
+        print("\n" + "\n".join(ood_table(report["ood"])))
     print(f"\nReport: {args.out}/report.md")
     return 0
 
@@ -238,6 +254,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--metric", choices=["exact_match", "multiple_choice"], default=None,
                           help="also score answers (targets / choices+answer): routed vs oracle vs base")
     evaluate.add_argument("--max-per-task", type=int, default=None)
+    evaluate.add_argument("--ood", default=None, metavar="OOD.jsonl",
+                          help="prompts no adapter covers (text field only): AUROC, FPR at 95%% TPR, rejects at the "
+                               "calibrated threshold, score histograms")
+    evaluate.add_argument("--routing", choices=["sequence", "token"], default="sequence",
+                          help="how the 'routed' task-score column is produced (token: adapters mixed)")
+    evaluate.add_argument("--reroute-every", type=int, default=None, help="token routing: re-route every n tokens")
+    evaluate.add_argument("--top-k", type=int, default=None, help="token routing: adapters mixed per row")
     evaluate.add_argument("--plain", action="store_true", help="route the raw text, not the chat-formatted prompt")
     evaluate.add_argument("--out", default="ariadne-eval", help="report folder")
     evaluate.add_argument("--revision", default=None)

@@ -12,6 +12,7 @@ DISTANCES = ("cosine", "l2")
 ROUTING_GRANULARITIES = ("sequence", "token")
 GENERATION_STRATEGIES = ("batched", "grouped")
 KERNEL_BACKENDS = (None, "torch", "triton")
+REJECT_MODES = (None, "auto")
 WHITENINGS = ("within", "none")
 
 
@@ -39,6 +40,12 @@ class AriadneConfig(PreTrainedConfig):
         whitening_info: statistics of the whitening matrix (Ledoit-Wolf shrinkage, prompt count, condition number).
         ignore_special_tokens: give special tokens (BOS, chat markers, padding) zero weight in the pooled embedding.
         reject_threshold: rows whose best score is below it are routed to ``"__base__"`` (the plain backbone).
+        reject: ``None`` (no out-of-distribution rejection, the default) or ``"auto"`` (rows whose ood score exceeds
+            the calibrated `ood_threshold` go to ``"__base__"``).
+        reject_rate: the target in-domain false-reject rate `ood_threshold` was calibrated for.
+        ood_threshold: the calibrated ood-score threshold (cross-fitted, see `calibration.py`), or None.
+        ood_calibration: what the threshold was calibrated for: method, score, target rate, folds, seed, held-out
+            prompt count and rate, and `adapters` (the adapter list it is valid for; any other list = stale).
         routing: ``"sequence"`` (one adapter per prompt) or ``"token"`` (re-mix adapters while decoding).
         reroute_every: for token routing, re-score the context every this many new tokens (0: only the prompt).
         routing_top_k: for token routing, how many adapters are mixed per row (not `top_k`: that is sampling's).
@@ -71,6 +78,10 @@ class AriadneConfig(PreTrainedConfig):
     whitening_info: dict[str, Any] | None = None
     ignore_special_tokens: bool = True
     reject_threshold: float | None = None
+    reject: str | None = None
+    reject_rate: float = 0.02
+    ood_threshold: float | None = None
+    ood_calibration: dict[str, Any] | None = None
     routing: str = "sequence"
     reroute_every: int = 2
     routing_top_k: int = 2
@@ -138,6 +149,12 @@ def validate_routing_options(config: Any) -> None:
         )
     if getattr(config, "whitening", "none") not in WHITENINGS:
         raise ValueError(f"whitening must be one of {WHITENINGS}, got {config.whitening!r}.")
+    if getattr(config, "reject", None) not in REJECT_MODES:
+        raise ValueError(f"reject must be None or 'auto' (reject out-of-distribution prompts at the calibrated "
+                         f"threshold), got {config.reject!r}. For a fixed best-score threshold use reject_threshold=.")
+    rate = getattr(config, "reject_rate", 0.02)
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 0.5:
+        raise ValueError(f"reject_rate must be a number in (0, 0.5] (target in-domain false-reject rate), got {rate!r}.")
     if config.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:

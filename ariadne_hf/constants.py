@@ -3,8 +3,9 @@
 BASE_ADAPTER = "__base__"
 """Adapter name of rows routed to the plain backbone (PEFT's own sentinel for mixed batches)."""
 
-BUNDLE_FORMAT_VERSION = "1.1"
-"""Major.minor of the bundle layout. A bundle with a newer major version is refused."""
+BUNDLE_FORMAT_VERSION = "1.2"
+"""Major.minor of the bundle layout. A bundle with a newer major version is refused. 1.2 added the
+out-of-distribution tables (router.token_counts, router.ood_stats); 1.0/1.1 bundles load unchanged (no ood score)."""
 
 CONFIG_NAME = "config.json"
 ROUTER_WEIGHTS_NAME = "model.safetensors"
@@ -25,3 +26,5 @@ ROUTER_CENTROID_ADAPTER = "router.centroid_adapter"  # [K] int64
 ROUTER_CENTER = "router.center"  # [D] fp32, optional
 ROUTER_TOKEN_WEIGHTS = "router.token_weights"  # [V] fp32, optional
 ROUTER_TRANSFORM = "router.transform"  # [D, D] fp32, optional (whitening W)
+ROUTER_TOKEN_COUNTS = "router.token_counts"  # [A, V] int64, optional (ood: token occurrences per adapter)
+ROUTER_OOD_STATS = "router.ood_stats"  # [2, 4] fp32, optional (ood: z-score mean and sd per component)

@@ -172,6 +172,18 @@ def _routing_rows(cfg: dict) -> list[tuple[str, str]]:
         ("centroids requested per adapter", cfg.get("num_centroids", "n/a")),
         ("routing granularity", cfg.get("routing", "sequence")),
     ]
+    calibration = cfg.get("ood_calibration")
+    if calibration:
+        stale = list(calibration.get("adapters", [])) != list(cfg.get("adapter_names") or [])
+        rows += [
+            ("out-of-distribution rejection", "on (reject='auto')" if cfg.get("reject") == "auto" else
+             "off (ood scores reported; enable with reject='auto')"),
+            ("ood threshold (above it: plain backbone)", round(float(cfg.get("ood_threshold")), 4)),
+            ("ood calibration", f"cross-fitted, {calibration.get('folds')} folds over {calibration.get('heldout_prompts')} "
+             f"held-out building prompts; target in-domain false rejects {calibration.get('target_reject_rate'):.1%} "
+             f"(held out: {calibration.get('heldout_reject_rate', 0.0):.1%})"
+             + ("; STALE: adapters changed since, rebuild to recalibrate" if stale else "")),
+        ]
     if cfg.get("routing") == "token":
         rows += [("re-route every n new tokens", cfg.get("reroute_every")), ("top-k adapters mixed", cfg.get("top_k")),
                  ("softmax temperature", cfg.get("temperature"))]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable, Mapping
 from types import SimpleNamespace
@@ -14,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from . import bundle as bundle_io
 from .adapters import AdapterError, adapter_summary, resolve_adapter_dir
+from .calibration import auto_threshold, calibrate_for_build, routable_token_ids
 from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import BASE_ADAPTER
@@ -22,6 +24,7 @@ from .kernels import dense_to_topk
 from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .lora.token_routing import SlotResolver
+from .ood import token_counts
 from .router import (
     AriadneRouter,
     RoutingDecision,
@@ -30,6 +33,8 @@ from .router import (
     strip_template,
 )
 from .whitening import apply_transform
+
+logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
 
@@ -90,6 +95,8 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         whitening: str = "within",
         ignore_special_tokens: bool = True,
         reject_threshold: float | None = None,
+        reject: str | None = None,
+        reject_rate: float = 0.02,
         seed: int = 0,
         max_length: int = 512,
         batch_size: int = 64,
@@ -112,6 +119,10 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
         `heldout_prompts` (same form as `prompts`) are routed once to measure selection accuracy; the result is
         stored in the config (`routing_report`) and shown on the model card.
+
+        The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
+        an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.calibration`); `reject="auto"` applies it
+        by default (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
         """
         adapter_order = list(adapters)
         for name in adapter_order:
@@ -153,6 +164,8 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             whitening=whitening,
             ignore_special_tokens=ignore_special_tokens,
             reject_threshold=reject_threshold,
+            reject=reject,
+            reject_rate=reject_rate,
             max_prompt_tokens=max_length,
             **config_kwargs,
         )
@@ -172,6 +185,13 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
         model.router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights,
                                 tables.transform)
+        calibration = calibrate_for_build(
+            prompt_lists, pooled, tokenizer, token_weights, int(embed_weight.shape[0]), max_length=max_length,
+            build_kwargs=dict(num_centroids=num_centroids, distance=distance, center=center, whitening=whitening),
+            reject_rate=reject_rate, seed=seed, required=reject == "auto")
+        if calibration is not None:
+            model.router.set_ood(calibration.token_counts, calibration.stats)
+            config.ood_threshold, config.ood_calibration = calibration.threshold, calibration.info
         model.router.to(embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
@@ -212,8 +232,14 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         centroids = kmeans(points, k, distance=self.config.distance, seed=seed)
         summary = adapter_summary(layout.config, layout.source, len(prompt_list), centroids.shape[0])
         layout.sha256 = summary["sha256"]
+        counts = None
+        if self.router.has_ood():  # the new adapter's token counts; the calibration becomes stale (not refit)
+            counts = token_counts(routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
+                                                     max_length=self.config.max_prompt_tokens), embed_weight.shape[0])
+            logger.warning("add_adapter(%r): the out-of-distribution calibration is now stale (the new adapter's "
+                           "prompts were not held out); rebuild with from_adapters to recalibrate.", name)
         self.lora.add([layout])
-        self.router.append_adapter(name, centroids)
+        self.router.append_adapter(name, centroids, counts)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters[name] = summary
 
@@ -273,13 +299,15 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         reject_threshold: float | None = _UNSET,
+        reject: str | None = _UNSET,
         backend: str | None = None,
     ) -> RoutingDecision:
         """Route prompts (strings, tokenized with the bundle's tokenizer) or token ids [B, T] with mask [B, T].
 
         Guarantees: one vectorised pass (pooled lookup + one matmul); left, right or no padding give identical
         routes; rows with no routable token and rows whose best score is below the reject threshold go to
-        ``"__base__"``. Raises ValueError for malformed ids or ids outside the backbone's vocabulary.
+        ``"__base__"``; with `reject="auto"` (default: the config's `reject`) so do rows whose `ood_scores` exceed
+        the calibrated threshold. Raises ValueError for malformed ids or ids outside the backbone's vocabulary.
         """
         if prompts is not None:
             if input_ids is not None:
@@ -294,7 +322,12 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             input_ids, attention_mask, embed_weight, backend=backend or self.config.kernel_backend
         )
         threshold = self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold
-        return self.router.decide(scores, best, threshold)
+        reject = self.config.reject if reject is _UNSET else reject
+        if reject not in (None, "auto"):
+            raise ValueError(f"reject must be None or 'auto', got {reject!r}.")
+        ood_threshold = auto_threshold(self.config, self.router.has_ood()) if reject == "auto" else None
+        ood = self.router.ood_scores(input_ids, attention_mask, scores)  # [B] or None
+        return self.router.decide(scores, best, threshold, ood, ood_threshold)
 
     def _routing_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The tokens routing reads: the mask minus the chat template's fixed prefix/suffix (if configured)."""
@@ -374,6 +407,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
     def _call_plan(self, input_ids, attention_mask, adapter_names, adapter_weights, threshold, kernel_backend):
         """This call's routes and the LoRA plan that applies them (adapter_weights > adapter_names > routing)."""
+        attention_mask = new_tokens_mask(input_ids, attention_mask)
         if adapter_weights is not None:
             validate_token_ids(input_ids, attention_mask, self.config.embedding_vocab_size)
             decision = self._decision_for_call(input_ids, attention_mask, None, threshold)
@@ -522,6 +556,16 @@ def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
     if special:
         weights[torch.tensor(special)] = 0.0
     return weights
+
+
+def new_tokens_mask(input_ids, attention_mask):
+    """The mask of `input_ids`' own positions: a cached forward (past_key_values) passes a mask [B, past + T] that
+    also covers the cached tokens; routing and validation read only its last T columns [B, T]."""
+    if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
+            and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
+            and attention_mask.shape[1] > input_ids.shape[1]):
+        return attention_mask[:, -input_ids.shape[1]:]
+    return attention_mask
 
 
 def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -43,6 +43,42 @@ def plot_margins(path: str, margins: list[float]) -> bool:
     return True
 
 
+def plot_ood_histograms(path: str, in_domain: list[float], ood: list[float], threshold: float | None) -> bool:
+    """Overlaid histograms of the ood score of in-domain and out-of-distribution prompts (and the calibrated
+    threshold) as a PNG; False when matplotlib is missing or there is nothing to plot."""
+    figure = _figure()
+    a = [v for v in in_domain if math.isfinite(v)]
+    b = [v for v in ood if math.isfinite(v)]
+    if figure is None or not a or not b:
+        return False
+    fig = figure(figsize=(6.4, 3.6))
+    ax = fig.subplots()
+    low, high = min(a + b), max(a + b)
+    bins = [low + (high - low) * i / 40 for i in range(41)] if high > low else 40
+    ax.hist(a, bins=bins, alpha=0.6, color="#4c72b0", label=f"in-domain ({len(a)})", density=True)
+    ax.hist(b, bins=bins, alpha=0.6, color="#dd8452", label=f"out-of-distribution ({len(b)})", density=True)
+    if threshold is not None:
+        ax.axvline(threshold, color="black", linestyle="--", label="calibrated threshold")
+    ax.set_xlabel("ood score (higher = more foreign)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=100, metadata={"Software": None})
+    return True
+
+
+def ood_table(summary: dict) -> list[str]:
+    """Markdown lines of `calibration.ood_summary`."""
+    lines = [f"In-domain prompts: {summary['in_domain_prompts']}; out-of-distribution prompts: {summary['ood_prompts']}.",
+             "", "| AUROC | FPR at 95% TPR | in-domain false rejects | out-of-distribution rejects | threshold |",
+             "|---|---|---|---|---|"]
+    threshold = summary.get("threshold")
+    lines.append(f"| {summary['auroc']:.3f} | {_percent(summary['fpr_at_95_tpr'])} | "
+                 f"{_percent(summary.get('in_domain_false_reject_rate'))} | {_percent(summary.get('ood_reject_rate'))} | "
+                 f"{'-' if threshold is None else f'{threshold:.3f}'} |")
+    return lines
+
+
 def _percent(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
@@ -58,7 +94,8 @@ def routing_table(report: dict) -> list[str]:
 
 
 def scores_table(scores: dict) -> list[str]:
-    lines = [f"Task metric: `{scores['metric']}` on {scores['rows']} prompts.", "",
+    lines = [f"Task metric: `{scores['metric']}` on {scores['rows']} prompts; routed column: "
+             f"{scores.get('routing', 'sequence')} routing.", "",
              "| task | routed | oracle adapter | base model |", "|---|---|---|---|"]
     for task, row in scores["per_task"].items():
         lines.append(f"| {task} | {_percent(row['routed'])} | {_percent(row['oracle'])} | {_percent(row['base'])} |")
@@ -83,6 +120,12 @@ def write_eval_report(out_dir: str, report: dict, *, title: str = "Routing evalu
         lines += ["", "![score margins](margins.png)"]
     if report.get("task_scores"):
         lines += ["", "## Task scores", ""] + scores_table(report["task_scores"])
+    if report.get("ood"):
+        lines += ["", "## Out-of-distribution prompts", ""] + ood_table(report["ood"])
+        scores = report.get("ood_scores", {})
+        if plot_ood_histograms(os.path.join(out_dir, "ood_scores.png"), scores.get("in_domain", []),
+                               scores.get("ood", []), report["ood"].get("threshold")):
+            lines += ["", "![ood score histograms](ood_scores.png)"]
     for section in extra_sections or []:
         lines += ["", section]
     path = os.path.join(out_dir, "report.md")

@@ -9,6 +9,7 @@ from torch import nn
 
 from .constants import BASE_ADAPTER
 from .kernels import embed_pool_distance
+from .ood import combine, ood_components, routing_weights, token_tables
 
 
 @dataclass
@@ -21,7 +22,11 @@ class RoutingDecision:
         scores: float32 [B, A]; similarity of each row to each adapter (higher = closer; -inf for empty rows).
         margins: float32 [B]; best minus second-best score (inf with one adapter, nan for empty rows).
         adapter_order: column names of `scores`.
-        reasons: per row, why it went where it did: "nearest", "override", "empty", "below_threshold".
+        reasons: per row, why it went where it did: "nearest", "override", "empty", "below_threshold",
+            "out_of_distribution" (ood score above the calibrated threshold, with `reject="auto"`).
+        ood_scores: float32 [B] or None; how foreign each row is to every adapter (higher = more foreign; mean
+            z-score of `ood.COMPONENTS`, calibrated on held-out prompts); nan for empty rows; None when the router
+            has no out-of-distribution tables (bundles built before them) or the routes were overridden.
     """
 
     adapter_names: list[str]
@@ -30,18 +35,22 @@ class RoutingDecision:
     margins: torch.Tensor
     adapter_order: list[str]
     reasons: list[str] = field(default_factory=list)
+    ood_scores: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.adapter_names)
 
     def to_dict(self) -> dict:
         """JSON-serialisable form (for the CLI and logs)."""
-        return {
+        out = {
             "adapter_names": list(self.adapter_names),
             "reasons": list(self.reasons),
             "margins": [float(m) for m in self.margins.tolist()],
             "scores": [dict(zip(self.adapter_order, map(float, row), strict=True)) for row in self.scores.tolist()],
         }
+        if self.ood_scores is not None:
+            out["ood_scores"] = [float(v) for v in self.ood_scores.tolist()]
+        return out
 
 
 def embedding_fingerprint(embed_weight: torch.Tensor, samples: int = 16) -> list[float]:
@@ -106,7 +115,8 @@ class AriadneRouter(nn.Module):
 
     Buffers: `centroids` [K, D] fp32 (unit rows for cosine, in the whitened space), `centroid_adapter` [K] int64,
     `center` [D] fp32 or empty [0], `token_weights` [V] fp32 or empty [0], `transform` [D, D] fp32 (whitening W)
-    or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
+    or empty [0], `token_counts` [A, V] int64 and `ood_stats` [2, 4] fp32 (out-of-distribution tables, see
+    `ood.py`) or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
     sim(W (pooled - center), C[k]).
     """
 
@@ -119,6 +129,9 @@ class AriadneRouter(nn.Module):
         self.register_buffer("center", torch.zeros(0), persistent=False)
         self.register_buffer("token_weights", torch.zeros(0), persistent=False)
         self.register_buffer("transform", torch.zeros(0), persistent=False)
+        self.register_buffer("token_counts", torch.zeros(0, dtype=torch.int64), persistent=False)
+        self.register_buffer("ood_stats", torch.zeros(0), persistent=False)
+        self._ood_tables: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- tables -------------------------------------------------------------------------------------------
     def set_tables(
@@ -154,13 +167,43 @@ class AriadneRouter(nn.Module):
             raise ValueError(f"Router whitening matrix has shape {tuple(transform.shape)}, expected [{dim}, {dim}].")
         self.transform = empty if transform is None else transform.to(device=device, dtype=torch.float32).contiguous()
 
-    def append_adapter(self, name: str, centroids: torch.Tensor) -> None:
-        """Add one adapter's centroids [k, D] at the end; other adapters' rows are untouched."""
+    def set_ood(self, token_counts: torch.Tensor | None, stats: torch.Tensor | None) -> None:
+        """Set the out-of-distribution tables: token counts [A, V] (int, >= 0) and z-score stats [2, 4] (sd > 0),
+        or None for both (no ood score)."""
+        device = self.centroids.device
+        if token_counts is None or stats is None:
+            self.token_counts = torch.zeros(0, dtype=torch.int64, device=device)
+            self.ood_stats = torch.zeros(0, device=device)
+            self._ood_tables = None
+            return
+        if token_counts.ndim != 2 or token_counts.shape[0] != len(self.adapter_names):
+            raise ValueError(f"Router token counts have shape {tuple(token_counts.shape)}, expected "
+                             f"[{len(self.adapter_names)}, V] (one row per adapter).")
+        if stats.shape != (2, 4) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
+            raise ValueError(f"Router ood stats must be finite [2, 4] with positive sd, got {tuple(stats.shape)}.")
+        if token_counts.dtype.is_floating_point or bool((token_counts < 0).any()):
+            raise ValueError("Router token counts must be non-negative integers.")
+        self.token_counts = token_counts.to(device=device, dtype=torch.int64).contiguous()
+        self.ood_stats = stats.to(device=device, dtype=torch.float32).contiguous()
+        self._ood_tables = None
+
+    def has_ood(self) -> bool:
+        return self.token_counts.numel() > 0 and self.ood_stats.numel() > 0
+
+    def append_adapter(self, name: str, centroids: torch.Tensor, token_counts: torch.Tensor | None = None) -> None:
+        """Add one adapter's centroids [k, D] (and its token counts [V], when the router has ood tables) at the
+        end; other adapters' centroid rows are untouched."""
         index = len(self.adapter_names)
+        if self.has_ood() and (token_counts is None or token_counts.shape != (self.token_counts.shape[1],)):
+            raise ValueError(f"append_adapter({name!r}): this router has ood tables; pass the adapter's token counts "
+                             f"[{self.token_counts.shape[1]}].")
         self.adapter_names.append(name)
         owner = torch.full((centroids.shape[0],), index, dtype=torch.int64, device=self.centroid_adapter.device)
         self.centroids = torch.cat([self.centroids, centroids.to(self.centroids)])
         self.centroid_adapter = torch.cat([self.centroid_adapter, owner])
+        if self.has_ood():
+            self.token_counts = torch.cat([self.token_counts, token_counts.to(self.token_counts).unsqueeze(0)])
+            self._ood_tables = None
 
     def drop_adapter(self, name: str) -> None:
         """Remove one adapter and its centroids; later adapters shift down by one index."""
@@ -170,6 +213,9 @@ class AriadneRouter(nn.Module):
         self.centroids = self.centroids[keep]
         self.centroid_adapter = torch.where(shifted > index, shifted - 1, shifted)
         self.adapter_names.pop(index)
+        if self.has_ood():
+            self.token_counts = torch.cat([self.token_counts[:index], self.token_counts[index + 1:]])
+            self._ood_tables = None
 
     def optional_center(self) -> torch.Tensor | None:
         return self.center if self.center.numel() else None
@@ -228,10 +274,28 @@ class AriadneRouter(nn.Module):
         running_weight = weight.sum(dim=-1)  # [B]
         return scores, best, pooled * running_weight.unsqueeze(-1), running_weight
 
+    @torch.no_grad()
+    def ood_scores(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   scores: torch.Tensor) -> torch.Tensor | None:
+        """Out-of-distribution score [B] fp32 of scored rows (`ood.py`), nan for empty rows; None without tables.
+
+        One extra torch step after the routing kernel (a [B, T] gather from two [A, V] tables)."""
+        if not self.has_ood():
+            return None
+        if self._ood_tables is None or self._ood_tables[0].device != self.token_counts.device:
+            self._ood_tables = token_tables(self.token_counts)
+        seen, llr = self._ood_tables
+        weights = routing_weights(input_ids.to(seen.device), attention_mask.to(seen.device),
+                                  self.optional_token_weights())  # [B, T]
+        components = ood_components(input_ids, weights, scores.to(seen.device), seen, llr)  # [B, 4]
+        return combine(components, self.ood_stats).float().cpu()
+
     def decide(
-        self, scores: torch.Tensor, best: torch.Tensor, reject_threshold: float | None = None
+        self, scores: torch.Tensor, best: torch.Tensor, reject_threshold: float | None = None,
+        ood_scores: torch.Tensor | None = None, ood_threshold: float | None = None,
     ) -> RoutingDecision:
-        """Turn scores into a decision: nearest adapter, or ``"__base__"`` for empty or below-threshold rows."""
+        """Turn scores into a decision: nearest adapter, or ``"__base__"`` for empty rows, rows whose best score is
+        below `reject_threshold`, and rows whose `ood_scores` [B] exceed `ood_threshold`."""
         scores = scores.float().cpu()
         best = best.cpu()
         best_score = scores.max(dim=-1).values if scores.shape[1] else torch.full((scores.shape[0],), float("-inf"))
@@ -248,5 +312,10 @@ class AriadneRouter(nn.Module):
             low = (~empty) & (best_score < reject_threshold)
             indices[low] = -1
             reasons = ["below_threshold" if lo else r for lo, r in zip(low.tolist(), reasons, strict=True)]
+        if ood_threshold is not None and ood_scores is not None:
+            foreign = (~empty) & (indices >= 0) & (ood_scores.cpu() > ood_threshold)
+            indices[foreign] = -1
+            reasons = ["out_of_distribution" if f else r for f, r in zip(foreign.tolist(), reasons, strict=True)]
         names = [BASE_ADAPTER if i < 0 else self.adapter_names[i] for i in indices.tolist()]
-        return RoutingDecision(names, indices, scores, margins, list(self.adapter_names), reasons)
+        return RoutingDecision(names, indices, scores, margins, list(self.adapter_names), reasons,
+                               None if ood_scores is None else ood_scores.float().cpu())

@@ -7,6 +7,7 @@ demo adapters were trained (examples/train_demo_adapters.py). Rows follow the ro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 
 import torch
@@ -79,12 +80,13 @@ def exact_match(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[
 
 
 @torch.no_grad()
-def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str]) -> list[bool]:
-    """Multiple choice: the gold choice has the highest summed log-likelihood of `choice + end-of-turn` after the
-    prompt (lm-eval-harness "acc", ties to the first), scored with `adapter_names[i]` on row i."""
+def choice_scores_per_row(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str]) -> list[list[float]]:
+    """Multiple choice, one forward per row over every choice in full: summed log-likelihood of each
+    `choice + end-of-turn` after the prompt, with `adapter_names[i]` on row i. The reference the fast path
+    (`choice_scores`) is tested against; it runs the prompt once per choice."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     end = end_of_turn_ids(tokenizer)
-    hits = []
+    out = []
     for row, name in zip(rows, adapter_names, strict=True):
         prompt = prompt_ids(tokenizer, row["text"])
         completions = [tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]]
@@ -98,6 +100,93 @@ def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[
         live = torch.zeros_like(picked, dtype=torch.bool)
         for i, c in enumerate(completions):
             live[i, -len(c):] = True
-        scores = (picked * live).sum(dim=1)  # [C]
-        hits.append(int(scores.argmax()) == row["answer"])
-    return hits
+        out.append((picked * live).sum(dim=1).tolist())  # [C]
+    return out
+
+
+@torch.no_grad()
+def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str] | None = None, *,
+                  adapter_weights: torch.Tensor | None = None, batch_size: int = 16) -> list[list[float]]:
+    """Multiple choice with shared prompts: the same log-likelihoods as `choice_scores_per_row` (up to float
+    rounding), each prompt run once.
+
+    Rows are taken `batch_size` at a time, sorted by prompt length: one forward over the left-padded prompts with a
+    KV cache (logits of the last position only), the cache expanded to one row per choice (`reorder_cache` with
+    repeated indices), then one forward over every choice's `choice + end-of-turn` tokens (right-padded) with each
+    row's adapter (`adapter_names[i]`, or the fixed mixture `adapter_weights[i]` [A]) on its expanded rows.
+    Cost ~ prompt + C x choice tokens per row instead of C x (prompt + choice), in two calls per batch.
+    Left padding shifts a row's absolute positions, as in the per-row path; rotary attention sees only relative ones.
+    """
+    if (adapter_names is None) == (adapter_weights is None):
+        raise ValueError("choice_scores: pass exactly one of adapter_names (one per row) or adapter_weights [N, A].")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    end = end_of_turn_ids(tokenizer)
+    prompts = [prompt_ids(tokenizer, row["text"]) for row in rows]
+    completions = [[tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]] for row in rows]
+    order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    out: list[list[float]] = [[] for _ in rows]
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        counts = torch.tensor([len(completions[i]) for i in batch])  # [b]
+        expand = torch.repeat_interleave(torch.arange(len(batch)), counts)  # [n] batch row of each choice row
+
+        def route(index: torch.Tensor, batch=batch) -> dict:
+            if adapter_weights is not None:
+                return {"adapter_weights": adapter_weights[torch.tensor(batch)][index]}
+            return {"adapter_names": [adapter_names[batch[int(j)]] for j in index]}
+
+        ids, mask = left_pad([prompts[i] for i in batch], pad)  # [b, P]
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1,
+                      **route(torch.arange(len(batch))))
+        head = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # [b, V] predicts each choice's first token
+        flat = [c for i in batch for c in completions[i]]  # n completions
+        scores = torch.tensor([float(head[expand[r], tokens[0]]) for r, tokens in enumerate(flat)],
+                              dtype=torch.float64)  # [n]
+        for chunk in _width_buckets([len(c) for c in flat]):  # similar lengths: little padding per forward
+            width = max(len(flat[r]) for r in chunk)
+            if width < 2:
+                continue
+            rows_of = expand[torch.tensor(chunk)]  # [m] batch row of each choice row
+            cont = torch.full((len(chunk), width), pad, dtype=torch.long)  # [m, W] right-padded
+            cont_mask = torch.zeros((len(chunk), width), dtype=torch.long)
+            for r, index in enumerate(chunk):
+                cont[r, :len(flat[index])] = torch.tensor(flat[index])
+                cont_mask[r, :len(flat[index])] = 1
+            cache = copy.deepcopy(first.past_key_values)
+            cache.reorder_cache(rows_of)  # [b, ...] -> [m, ...]
+            attention = torch.cat([mask[rows_of], cont_mask], dim=1)  # [m, P + W]
+            logits = model(input_ids=cont[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
+                           use_cache=True, **route(rows_of)).logits  # [m, W-1, V]
+            picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
+            scores[torch.tensor(chunk)] += (picked * cont_mask[:, 1:]).sum(dim=1).double()
+        for j, values in zip(batch, scores.split(counts.tolist()), strict=True):
+            out[j] = values.tolist()
+    return out
+
+
+def _width_buckets(lengths: list[int], max_rows: int = 64) -> list[list[int]]:
+    """Indices grouped by length (ascending): a group closes at `max_rows` or when a length exceeds twice the
+    group's first length plus 2, so each forward pads little."""
+    groups: list[list[int]] = []
+    for index in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if not groups or len(groups[-1]) >= max_rows or lengths[index] > 2 * lengths[groups[-1][0]] + 2:
+            groups.append([])
+        groups[-1].append(index)
+    return groups
+
+
+def best_choice_hits(rows: Sequence[dict], scores: Sequence[list[float]]) -> list[bool]:
+    """Hit when the gold choice has the highest score (ties to the first, lm-eval-harness "acc")."""
+    return [max(range(len(s)), key=lambda c: (s[c], -c)) == row["answer"] for row, s in zip(rows, scores,
+                                                                                          strict=True)]
+
+
+def choice_hits(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str], *, fast: bool = True,
+                adapter_weights: torch.Tensor | None = None) -> list[bool]:
+    """Multiple choice: the gold choice has the highest summed log-likelihood of `choice + end-of-turn` after the
+    prompt (lm-eval-harness "acc", ties to the first), scored with `adapter_names[i]` (or the mixture
+    `adapter_weights[i]`) on row i; `fast` shares each prompt's KV cache across its choices (`choice_scores`)."""
+    if adapter_weights is not None:
+        return best_choice_hits(rows, choice_scores(model, tokenizer, rows, adapter_weights=adapter_weights))
+    scorer = choice_scores if fast else choice_scores_per_row
+    return best_choice_hits(rows, scorer(model, tokenizer, rows, adapter_names))

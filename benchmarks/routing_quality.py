@@ -570,6 +570,193 @@ def section_reject(state, train, test, method: Method, splits: int = 10, quantil
     return lines
 
 
+def _routing_dev_prompts() -> dict[str, dict[str, list[str]]]:
+    """{"train"|"test": {task: [prompt, ...]}} of routing-dev, in file order."""
+    from ariadne_hf.data import load_routing_dev
+
+    prompts = {}
+    for split in ("train", "test"):
+        prompts[split] = {}
+        for row in load_routing_dev(split):
+            prompts[split].setdefault(row["task"], []).append(row["text"])
+    return prompts
+
+
+def _library_backbone():
+    from safetensors import safe_open
+    from transformers import AutoTokenizer
+
+    from ariadne_hf.default_backbone import default_backbone_path
+
+    folder = default_backbone_path()
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as handle:
+        table = handle.get_tensor("model.embed_tokens.weight").float()  # [V, D]
+    return AutoTokenizer.from_pretrained(folder), table
+
+
+def section_ood(state, splits: int = 10, reject_rate: float = 0.02, plot: str | None = None) -> list[str]:
+    """The shipped out-of-distribution score and calibration, library path (`router_only_report`).
+
+    Per halving: a router with its cross-fitted calibration is built on the train prompts of 12 tasks; in-domain =
+    their test prompts, out-of-distribution = the test prompts of the other 12 tasks. Then the 24-task selection
+    accuracy with reject=None and reject="auto" (false rejects count as errors).
+    """
+    from ariadne_hf.evaluation import router_only_report
+
+    tokenizer, table = _library_backbone()
+    prompts = _routing_dev_prompts()
+    tasks = state["tasks"]
+    lines = ["| split | AUROC | FPR at 95% TPR | threshold | held-out reject % | in-domain false reject % | "
+             "OOD rejected % |", "|---|---|---|---|---|---|---|"]
+    rows, scores = [], {"in_domain": [], "ood": []}
+    for split in range(splits):
+        half_a, half_b = halves(len(tasks), split)
+        train = {tasks[t]: prompts["train"][tasks[t]] for t in half_a}
+        test = {tasks[t]: prompts["test"][tasks[t]] for t in half_a}
+        ood = [p for t in half_b for p in prompts["test"][tasks[t]]]
+        report = router_only_report(tokenizer, table, train, test, ood_test=ood, reject_rate=reject_rate)
+        o, c = report["ood"], report["calibration"]
+        rows.append((o["auroc"], o["fpr_at_95_tpr"], c["heldout_reject_rate"], o["in_domain_false_reject_rate"],
+                     o["ood_reject_rate"]))
+        for key in scores:
+            scores[key] += report["ood_scores"][key]
+        lines.append(f"| {split} | {o['auroc']:.3f} | {100 * o['fpr_at_95_tpr']:.1f} | {o['threshold']:.2f} | "
+                     f"{100 * c['heldout_reject_rate']:.1f} | {100 * o['in_domain_false_reject_rate']:.1f} | "
+                     f"{100 * o['ood_reject_rate']:.1f} |")
+        print(lines[-1], flush=True)
+    mean = [sum(r[i] for r in rows) / len(rows) for i in range(5)]
+    lines.append(f"| **mean** | **{mean[0]:.3f}** (min {min(r[0] for r in rows):.3f}) | {100 * mean[1]:.1f} | | "
+                 f"{100 * mean[2]:.1f} | **{100 * mean[3]:.1f}** | **{100 * mean[4]:.1f}** |")
+    print(lines[-1], flush=True)
+    lines += ["", "| 24 tasks, library defaults | macro % | micro % | rejected % |", "|---|---|---|---|"]
+    for reject in (None, "auto"):
+        report = router_only_report(tokenizer, table, prompts["train"], prompts["test"], reject=reject,
+                                    reject_rate=reject_rate)
+        rejected = sum(row[-1] for row in report["confusion"]) / sum(map(sum, report["confusion"]))
+        lines.append(f"| reject={reject!r} | {100 * report['macro_accuracy']:.1f} | "
+                     f"{100 * report['micro_accuracy']:.1f} | {100 * rejected:.1f} |")
+        print(lines[-1], flush=True)
+    if plot:
+        from ariadne_hf.reports import plot_ood_histograms
+
+        plot_ood_histograms(plot, scores["in_domain"], scores["ood"], None)
+    return lines
+
+
+OOD_CANDIDATES = {
+    "best score": ["neg_best"], "margin": ["neg_margin"], "Mahalanobis to nearest adapter mean": ["maha_nearest"],
+    "relative Mahalanobis (vs background fit)": ["rel_maha"],
+    "per-adapter covariance (shrunk, nearest)": ["per_adapter_cov"], "5-NN cosine (whitened)": ["knn5"],
+    "unseen-token share (routed adapter)": ["unseen"], "unigram LLR (routed adapter)": ["llr"],
+    "best + unseen": ["neg_best", "unseen"], "best + margin + unseen": ["neg_best", "neg_margin", "unseen"],
+    "best + margin + llr": ["neg_best", "neg_margin", "llr"],
+    "best + margin + unseen + llr (**shipped**)": ["neg_best", "neg_margin", "unseen", "llr"],
+    "best + margin + unseen + llr + 5-NN": ["neg_best", "neg_margin", "unseen", "llr", "knn5"],
+}
+
+
+def _ood_fit(train: Split, table: torch.Tensor, weights: torch.Tensor, num: int) -> dict:
+    """Candidate state from building prompts: center, within/total whitening, adapter means, per-adapter shrunk
+    covariances (whitened space), prompt bank, token tables."""
+    from ariadne_hf.ood import token_tables
+
+    pooled = pool(train.counts, table, weights)
+    center = pooled.mean(0)
+    xc = pooled - center
+    w_within = whitening(xc, train.labels, "within", "lw", 1.0)
+    w_total = whitening(xc, train.labels, "total", "lw", 1.0)
+    x = xc @ w_within.T
+    means = torch.stack([x[train.labels == a].mean(0) for a in range(num)])
+    precisions, logdets = [], []
+    for a in range(num):
+        xa = x[train.labels == a] - means[a]
+        cov = xa.T.double() @ xa.double() / max(1, xa.shape[0])
+        s = ledoit_wolf_shrinkage(xa) if xa.shape[0] > 1 else 1.0
+        cov = (1 - s) * cov + s * torch.trace(cov) / cov.shape[0] * torch.eye(cov.shape[0], dtype=cov.dtype)
+        cov = cov + 1e-6 * torch.eye(cov.shape[0], dtype=cov.dtype)
+        precisions.append(torch.linalg.inv(cov).float())
+        logdets.append(float(torch.logdet(cov)))
+    idx = train.counts.indices()
+    counts = torch.zeros(num, table.shape[0]).index_put_((train.labels[idx[0]], idx[1]), train.counts.values(),
+                                                         accumulate=True)
+    counts[:, weights == 0] = 0
+    seen, llr = token_tables(counts.long())
+    return {"center": center, "W": w_within, "W0": w_total, "means": means, "cent": F.normalize(means, dim=-1),
+            "prec": precisions, "logdet": torch.tensor(logdets), "bank": F.normalize(x, dim=-1), "seen": seen,
+            "llr": llr}
+
+
+def _ood_features(split: Split, fit: dict, table: torch.Tensor, weights: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Every candidate's raw score [P] (higher = more foreign)."""
+    pooled = pool(split.counts, table, weights)
+    x = (pooled - fit["center"]) @ fit["W"].T
+    xn = F.normalize(x, dim=-1)
+    cos = xn @ fit["cent"].T  # [P, A]
+    top2, arg = cos.topk(2, dim=1).values, cos.argmax(1)
+    maha = torch.cdist(x, fit["means"]).square()  # [P, A]
+    md0 = ((pooled - fit["center"]) @ fit["W0"].T).square().sum(1)
+    per_cov = torch.stack([((x - m) @ p * (x - m)).sum(1) + ld for m, p, ld in
+                           zip(fit["means"], fit["prec"], fit["logdet"].tolist(), strict=True)], dim=1)
+    idx = split.counts.indices()
+    weighted = torch.sparse_coo_tensor(idx, split.counts.values() * weights[idx[1]], split.counts.shape).coalesce()
+    total = torch.sparse.sum(weighted, dim=1).to_dense().clamp_min(1e-9)
+    seen_share = torch.sparse.mm(weighted, fit["seen"].T.float()) / total[:, None]  # [P, A]
+    mean_llr = torch.sparse.mm(weighted, fit["llr"].T) / total[:, None]
+    pick = lambda m: m.gather(1, arg[:, None]).squeeze(1)  # noqa: E731
+    return {"neg_best": -top2[:, 0], "neg_margin": -(top2[:, 0] - top2[:, 1]), "maha_nearest": maha.min(1).values,
+            "rel_maha": maha.min(1).values - md0, "per_adapter_cov": per_cov.min(1).values,
+            "knn5": -(xn @ fit["bank"].T).topk(5, dim=1).values.mean(1), "unseen": 1 - pick(seen_share),
+            "llr": -pick(mean_llr)}
+
+
+def _subset(split: Split, index: list[int], vocab: int) -> Split:
+    return Split([split.ids[i] for i in index], split.labels[index], bag_of_ids([split.ids[i] for i in index], vocab))
+
+
+def section_ood_candidates(state, train, test, splits: int = 10, folds: int = 5, reject_rate: float = 0.02):
+    """Every candidate score on the same protocol: 12 tasks in, 12 out, 10 halvings; z-score statistics and the
+    threshold from cross-fitted held-out building prompts (5 folds), as the shipped calibration does."""
+    from ariadne_hf.calibration import auroc, fold_assignment, fpr_at_tpr
+
+    table = state["table"]
+    weights = torch.ones(table.shape[0])
+    weights[torch.tensor(state["special_ids"])] = 0.0
+    results = {name: [] for name in OOD_CANDIDATES}
+    for split in range(splits):
+        half_a, half_b = halves(len(state["tasks"]), split)
+        sub = restrict(train, half_a)
+        sizes = [int((sub.labels == a).sum()) for a in range(len(half_a))]
+        assignment = fold_assignment(sizes, folds, 0)
+        fold_of = torch.empty(len(sub.ids), dtype=torch.long)
+        for a, fa in enumerate(assignment):
+            fold_of[(sub.labels == a).nonzero().squeeze(1)] = torch.tensor(fa)
+        held = []
+        for fold in range(folds):
+            keep = (fold_of != fold).nonzero().squeeze(1).tolist()
+            out = (fold_of == fold).nonzero().squeeze(1).tolist()
+            kept, left = _subset(sub, keep, table.shape[0]), _subset(sub, out, table.shape[0])
+            held.append(_ood_features(left, _ood_fit(kept, table, weights, len(half_a)), table, weights))
+        held = {k: torch.cat([h[k] for h in held]) for k in held[0]}
+        fit = _ood_fit(sub, table, weights, len(half_a))
+        ind = _ood_features(restrict(test, half_a), fit, table, weights)
+        ood = _ood_features(restrict(test, half_b), fit, table, weights)
+        for name, parts in OOD_CANDIDATES.items():
+            def z(d, parts=parts, held=held):
+                return sum((d[k] - held[k].mean()) / held[k].std() for k in parts) / len(parts)
+
+            threshold = torch.quantile(z(held), 1 - reject_rate)
+            results[name].append((auroc(z(ind), z(ood)), fpr_at_tpr(z(ind), z(ood)),
+                                  float((z(ind) > threshold).float().mean()), float((z(ood) > threshold).float().mean())))
+    lines = ["| candidate score | AUROC (min over splits) | FPR at 95% TPR % | in-domain false reject % | "
+             "OOD rejected % |", "|---|---|---|---|---|"]
+    for name, rows in results.items():
+        m = [sum(r[i] for r in rows) / len(rows) for i in range(4)]
+        lines.append(f"| {name} | {m[0]:.3f} ({min(r[0] for r in rows):.3f}) | {100 * m[1]:.1f} | {100 * m[2]:.1f} | "
+                     f"{100 * m[3]:.1f} |")
+        print(lines[-1], flush=True)
+    return lines
+
+
 def section_minilm(cache, state, train, test, seeds) -> list[str]:
     """Sentence-encoder baseline: all-MiniLM-L6-v2 embeddings with the same centroid recipes."""
     emb = minilm_embeddings(cache, state)
@@ -633,7 +820,7 @@ def section_library(cache: Path, seeds) -> list[str]:
 
 
 SECTIONS = ["library", "baselines", "ablation", "sensitivity", "prompts_per_adapter", "multitask", "leave_tasks_out", "stale",
-            "reject", "minilm"]
+            "reject", "ood_candidates", "ood", "minilm"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -641,6 +828,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cache", default="/tmp/ariadne_routing_quality")
     parser.add_argument("--seeds", type=int, default=5, help="k-means seeds per setting (results are means)")
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
+    parser.add_argument("--ood-plot", default=None, help="ood section: PNG of both score histograms")
     parser.add_argument("--json", default=None, help="write every section's markdown lines here")
     args = parser.parse_args(argv)
     cache = Path(args.cache)
@@ -659,6 +847,8 @@ def main(argv: list[str] | None = None) -> None:
         "leave_tasks_out": lambda: section_leave_tasks_out(state, train, test, seeds, BASELINES[:4] + CANDIDATES),
         "stale": lambda: section_stale_state(state, train, test, seeds, [BASELINE, CANDIDATES[1], RECOMMENDED]),
         "reject": lambda: section_reject(state, train, test, RECOMMENDED),
+        "ood_candidates": lambda: section_ood_candidates(state, train, test),
+        "ood": lambda: section_ood(state, plot=args.ood_plot),
         "minilm": lambda: section_minilm(cache, state, train, test, seeds),
     }
     outputs = {}

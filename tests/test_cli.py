@@ -29,10 +29,12 @@ def test_build_info_route_generate(cli_bundle, capsys):
     info = json.loads(capsys.readouterr().out)
     assert set(info["adapters"]) == {"math", "poetry", "code"} and info["centroids"] == 9
     assert info["adapters"]["math"]["heldout_accuracy"] >= 0.75
+    assert info["reject"] is None and info["ood_calibration"]["folds"] == 5 and info["ood_threshold"] is not None
+    assert main(["info", cli_bundle]) == 0 and "cross-fitted 5 folds" in capsys.readouterr().out
     assert main(["route", cli_bundle, "add seven plus three", "a sonnet about the moon", "--json"]) == 0
     routed = json.loads(capsys.readouterr().out)
     assert routed["adapter_names"] == ["math", "poetry"]
-    assert set(routed["scores"][0]) == {"math", "poetry", "code"}
+    assert set(routed["scores"][0]) == {"math", "poetry", "code"} and len(routed["ood_scores"]) == 2
     assert main(["generate", cli_bundle, "python function return", "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("[code] python function return")
 

@@ -69,3 +69,46 @@ def test_eval_cli_writes_a_report(tiny_model, tiny_assets, tmp_path, capsys):
     assert {"report.md", "confusion.png", "margins.png"} <= set(os.listdir(out))
     assert "Routed / oracle" in (out / "report.md").read_text()
     assert "selection accuracy" in capsys.readouterr().out
+
+
+def test_fast_choice_scores_equal_the_per_row_path(tiny_model, tiny_assets):
+    from ariadne_hf.task_metrics import choice_scores, choice_scores_per_row
+
+    rows = [{"text": p, "choices": ["plus", "seven eight moon", "ten", "add sum"], "answer": 1}
+            for n in ("math", "poetry") for p in tiny_assets["test"][n][:2]]
+    rows.append({"text": "add seven", "choices": ["moon", "x"], "answer": 0})  # one-token choices too
+    names = ["math", "poetry", "__base__", "code", "math"]
+    fast = choice_scores(tiny_model, tiny_model.tokenizer, rows, names)
+    slow = choice_scores_per_row(tiny_model, tiny_model.tokenizer, rows, names)
+    flat = lambda scores: torch.tensor([v for row in scores for v in row])  # noqa: E731
+    assert [len(r) for r in fast] == [4, 4, 4, 4, 2]
+    assert torch.allclose(flat(fast), flat(slow), atol=1e-4), (fast, slow)
+    assert choice_hits(tiny_model, tiny_model.tokenizer, rows, names) == choice_hits(
+        tiny_model, tiny_model.tokenizer, rows, names, fast=False)
+    one_hot = torch.nn.functional.one_hot(torch.tensor([0, 1, 0, 2, 0]), 3).float()
+    mixed = choice_scores(tiny_model, tiny_model.tokenizer, rows[:2] + rows[3:], adapter_weights=one_hot[[0, 1, 3, 4]])
+    assert torch.allclose(flat(mixed), flat(slow[:2] + slow[3:]), atol=1e-4)
+
+
+def test_eval_cli_reports_ood_and_token_routing(tiny_model, tiny_assets, tmp_path):
+    from tiny_models import make_prompts
+
+    bundle = tmp_path / "bundle"
+    tiny_model.save_pretrained(bundle)
+    data, ood = tmp_path / "test.jsonl", tmp_path / "ood.jsonl"
+    with open(data, "w") as handle:
+        for name, prompts in tiny_assets["test"].items():
+            for p in prompts[:4]:
+                handle.write(json.dumps({"text": p, "task": name, "choices": ["plus", "moon"], "answer": 1}) + "\n")
+    with open(ood, "w") as handle:
+        for p in make_prompts("legal", 12, seed=5):
+            handle.write(json.dumps({"text": p}) + "\n")
+    out = tmp_path / "report"
+    assert main(["eval", str(bundle), "--data", str(data), "--ood", str(ood), "--metric", "multiple_choice",
+                 "--routing", "token", "--top-k", "2", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["ood"]["auroc"] > 0.8 and report["ood"]["ood_prompts"] == 12
+    assert set(report["ood"]) >= {"fpr_at_95_tpr", "in_domain_false_reject_rate", "ood_reject_rate"}
+    assert report["task_scores"]["routing"] == "token" and report["calibration"]["folds"] == 5
+    assert "ood_scores.png" in os.listdir(out) and "Out-of-distribution" in (out / "report.md").read_text()
+    assert main(["eval", str(bundle), "--data", str(data), "--reroute-every", "2"]) == 2

@@ -155,3 +155,10 @@ def test_centroid_map_is_pca_with_fixed_signs():
     assert float((coords**2).sum()) == pytest.approx(sum(explained) * float((centered**2).sum()))
     one, _ = centroid_map(torch.ones(1, 4))
     assert one.tolist() == [[0.0, 0.0]]
+
+
+def test_card_shows_the_ood_calibration(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "bundle")
+    card = (tmp_path / "bundle" / "README.md").read_text()
+    assert "ood calibration" in card and "cross-fitted, 5 folds" in card
+    assert "off (ood scores reported" in card and "STALE" not in card
