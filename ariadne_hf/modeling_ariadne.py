@@ -37,6 +37,9 @@ from .whitening import apply_transform
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
+OOD_AUTO_MAX_ADAPTERS = 256
+"""from_adapters computes the out-of-distribution tables ([A, V] token counts: 0.4 MB per adapter for a 49k
+vocabulary) by default up to this many adapters; pass ood=True for more."""
 
 
 class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
@@ -97,6 +100,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         reject_threshold: float | None = None,
         reject: str | None = None,
         reject_rate: float = 0.02,
+        ood: bool | None = None,
         seed: int = 0,
         max_length: int = 512,
         batch_size: int = 64,
@@ -123,6 +127,9 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
         an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.calibration`); `reject="auto"` applies it
         by default (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
+        The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None` computes them for at most
+        `OOD_AUTO_MAX_ADAPTERS` adapters (or when `reject="auto"`), `ood=True` always, `ood=False` never (then
+        routing reads only the centroid table, as a bundle of thousands of adapters should).
         """
         adapter_order = list(adapters)
         for name in adapter_order:
@@ -185,7 +192,10 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
         model.router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights,
                                 tables.transform)
-        calibration = calibrate_for_build(
+        if ood is False and reject == "auto":
+            raise ValueError("reject='auto' needs the out-of-distribution score: drop ood=False.")
+        want_ood = ood if ood is not None else (reject == "auto" or len(adapter_order) <= OOD_AUTO_MAX_ADAPTERS)
+        calibration = None if not want_ood else calibrate_for_build(
             prompt_lists, pooled, tokenizer, token_weights, int(embed_weight.shape[0]), max_length=max_length,
             build_kwargs=dict(num_centroids=num_centroids, distance=distance, center=center, whitening=whitening),
             reject_rate=reject_rate, seed=seed, required=reject == "auto")

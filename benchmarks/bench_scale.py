@@ -5,9 +5,14 @@ random Llama), written as PEFT folders, with 20 prompts each. Each count runs in
 its own) and reports: from_adapters (build), save_pretrained, from_pretrained (load), route() per prompt (batch 64,
 after tokenisation), batch-1 decode ms per token (prefill excluded), add_adapter (the first add after a load, which
 reserves headroom, and the median of the next four), the routed layers' adapter bytes and the process's peak
-resident memory. Routing alone is also measured at 10,000 adapters (1 centroid each, whitened), batch 64 and 1.
+resident memory. With --resident N the largest count runs again loaded with max_resident_adapters=N (decode on a
+resident adapter, plus the first call of a non-resident one: `cold_call_ms`, a 1-token generate that must load it,
+vs `warm_call_ms`). Routing alone is also measured at 10,000 adapters (1 centroid each, whitened), batch 64 and 1.
 
     python benchmarks/bench_scale.py [--model smollm2|tiny] [--counts 10 100 1000] [--routing-adapters 10000]
+                                     [--resident 64] [--ood]
+Without --ood the bundles are built with ood=False (routing reads only the centroid table); --ood adds the
+out-of-distribution token tables, dense [A, V], to every count.
 """
 
 from __future__ import annotations
@@ -69,24 +74,24 @@ def peak_rss_mb() -> float:
     return float("nan")
 
 
-def run_one(backbone_dir: str, count: int) -> dict:
+def run_one(backbone_dir: str, count: int, resident: int | None = None, ood: bool = False) -> dict:
     from ariadne_hf import AriadneRoutedModel
 
     root = tempfile.mkdtemp()
     adapters = write_adapters(backbone_dir, os.path.join(root, "adapters"), count + 5)
     extra = {name: adapters.pop(name) for name in list(adapters)[count:]}
     prompts = prompt_sets(count + 5)
-    result = {"adapters": count}
+    result = {"adapters": count if resident is None else f"{count} ({resident} res.)"}
     start = time.perf_counter()
     model = AriadneRoutedModel.from_adapters(backbone_dir, adapters, {n: prompts[n] for n in adapters},
-                                             progress=False)
+                                             ood=ood, progress=False)
     result["build_s"] = time.perf_counter() - start
     start = time.perf_counter()
     model.save_pretrained(os.path.join(root, "bundle"))
     result["save_s"] = time.perf_counter() - start
     del model
     start = time.perf_counter()
-    model = AriadneRoutedModel.from_pretrained(os.path.join(root, "bundle"))
+    model = AriadneRoutedModel.from_pretrained(os.path.join(root, "bundle"), max_resident_adapters=resident)
     result["load_s"] = time.perf_counter() - start
     tokenizer = model.tokenizer
     tokenizer.padding_side = "left"
@@ -108,6 +113,13 @@ def run_one(backbone_dir: str, count: int) -> dict:
     generate(2)
     long, short = min(generate(17) for _ in range(3)), min(generate(1) for _ in range(3))
     result["decode_ms_per_token"] = 1000 * (long - short) / 16
+    cold = tokenizer([prompts[f"a{count - 1:05d}"][0]], return_tensors="pt")
+    start = time.perf_counter()
+    model.generate(**cold, adapter_names=[f"a{count - 1:05d}"], max_new_tokens=1, **gen)
+    result["cold_call_ms"] = 1000 * (time.perf_counter() - start)
+    start = time.perf_counter()
+    model.generate(**cold, adapter_names=[f"a{count - 1:05d}"], max_new_tokens=1, **gen)
+    result["warm_call_ms"] = 1000 * (time.perf_counter() - start)
     adds = []
     for name, folder in extra.items():
         start = time.perf_counter()
@@ -149,11 +161,13 @@ def main() -> None:
     parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
     parser.add_argument("--counts", type=int, nargs="+", default=[10, 100, 1000])
     parser.add_argument("--routing-adapters", type=int, default=10_000)
+    parser.add_argument("--resident", type=int, help="also run the largest count with max_resident_adapters=N")
+    parser.add_argument("--ood", action="store_true", help="build with the out-of-distribution tables ([A, V])")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: run one count, print JSON
     parser.add_argument("--backbone-dir", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_one(args.backbone_dir, args.one)))
+        print(json.dumps(run_one(args.backbone_dir, args.one, args.resident, args.ood)))
         return
     if args.model == "tiny":
         from common import tiny_backbone_dir
@@ -164,14 +178,17 @@ def main() -> None:
 
         backbone_dir = default_backbone_path()
     rows = []
-    for count in args.counts:
-        completed = subprocess.run([sys.executable, __file__, "--one", str(count), "--backbone-dir", backbone_dir],
+    runs = [(count, None) for count in args.counts] + ([(args.counts[-1], args.resident)] if args.resident else [])
+    for count, resident in runs:
+        command = [sys.executable, __file__, "--one", str(count), "--backbone-dir", backbone_dir] + (
+            ["--ood"] if args.ood else [])
+        completed = subprocess.run(command + (["--resident", str(resident)] if resident else []),
                                    capture_output=True, text=True, check=True)
         rows.append(json.loads(completed.stdout.strip().splitlines()[-1]))
-    keys = ["build_s", "save_s", "load_s", "route_ms_per_prompt", "decode_ms_per_token", "add_first_ms",
-            "add_next_median_ms", "adapter_mb", "peak_rss_mb"]
-    print(f"{args.model}: rank-4 q/v adapters, {PROMPTS_PER_ADAPTER} prompts each, {torch.get_num_threads()} threads;"
-          " value (ratio to the first count)")
+    keys = ["build_s", "save_s", "load_s", "route_ms_per_prompt", "decode_ms_per_token", "cold_call_ms",
+            "warm_call_ms", "add_first_ms", "add_next_median_ms", "adapter_mb", "peak_rss_mb"]
+    print(f"{args.model}: rank-4 q/v adapters, {PROMPTS_PER_ADAPTER} prompts each, {torch.get_num_threads()} threads, "
+          f"ood tables {'on' if args.ood else 'off'}; value (ratio to the first count)")
     print(f"{'':<22}" + "".join(f"{r['adapters']:>20}" for r in rows))
     for key in keys:
         cells = "".join(f"{r[key]:>11.3f} (x{r[key] / rows[0][key]:5.2f})" for r in rows)

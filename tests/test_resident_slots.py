@@ -73,3 +73,12 @@ def test_saving_copies_adapters_that_are_not_resident(bundle_dir, tmp_path):
     model.save_pretrained(tmp_path / "again")
     again = AriadneRoutedModel.from_pretrained(tmp_path / "again")
     assert again.adapter_names == model.adapter_names and again.config.max_resident_adapters == 1
+
+
+def test_ood_tables_are_optional_so_routing_reads_only_centroids(tiny_assets):
+    model = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                             ood=False, progress=False)
+    assert not model.router.has_ood() and model.route(["add seven plus three"]).adapter_names == ["math"]
+    with pytest.raises(ValueError, match="reject='auto' needs the out-of-distribution score"):
+        AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                         ood=False, reject="auto", progress=False)
