@@ -530,7 +530,8 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         embed_weight = self.get_input_embeddings().weight.detach()
         scores, best, running_sum, running_weight = self.router.context(
             input_ids, attention_mask, embed_weight, backend=options.kernel_backend)
-        decision = self.router.decide(scores, best, threshold)
+        ood = self.router.ood_scores(input_ids, attention_mask, scores)  # [B] or None: reported, not applied (the
+        decision = self.router.decide(scores, best, threshold, ood)  # mixture follows the re-routed scores)
         plan = TokenRoutingPlan(
             SlotResolver(self.lora, self.device, options.kernel_backend), self.router, embed_weight, running_sum, running_weight,
             scores, reroute_every=options.reroute_every, top_k=options.routing_top_k,

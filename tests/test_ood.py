@@ -186,3 +186,12 @@ def test_reject_auto_without_enough_prompts_fails_at_build_time(tiny_assets):
         AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {"math": tiny_assets["adapters"]["math"]},
                                          {"math": tiny_assets["train"]["math"][:1]}, reject="auto",
                                          whitening="none", progress=False)
+
+
+def test_token_routed_generate_reports_ood_scores(tiny_model, mixed_batch):
+    _, _, batch = mixed_batch
+    out = tiny_model.generate(**batch, routing="token", max_new_tokens=2, do_sample=False,
+                              return_dict_in_generate=True)
+    expected = tiny_model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).ood_scores
+    assert expected is not None
+    torch.testing.assert_close(out.routes.ood_scores, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
