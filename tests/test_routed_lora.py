@@ -219,6 +219,9 @@ def test_add_adapter_grows_stacks_with_headroom_and_stays_exact(tiny_assets, tmp
     rows = batch["input_ids"].shape[0]
     torch.testing.assert_close(model(**batch, adapter_names=["x3"] * rows).logits, oracle(**batch).logits,
                                rtol=1e-5, atol=1e-5)
+    per_layer = {name: model.lora._groups[layer.scaling_group] for name, layer in model.lora.layers.items()}
+    model.lora._refresh_groups()  # the incremental grouping of add_adapter equals a full regrouping
+    assert per_layer == {name: model.lora._groups[layer.scaling_group] for name, layer in model.lora.layers.items()}
     mixed = ["x0", "math", "x3", "code", BASE_ADAPTER, "x1"]
     single = torch.stack([model(**batch, adapter_names=[n] * rows).logits[i] for i, n in enumerate(mixed)])
     torch.testing.assert_close(model(**batch, adapter_names=mixed).logits, single, rtol=1e-5, atol=1e-5)

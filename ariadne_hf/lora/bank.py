@@ -35,7 +35,7 @@ class LoraBank:
             if isinstance(module, RoutedLoraLinear):
                 self.layers[name] = module
         self._factories: dict[tuple, GateFactory] = {}
-        self._groups: list[tuple[float, ...]] = []
+        self._groups: list[list[float]] = []  # distinct per-layer scaling vectors [A] (see _refresh_groups)
 
     # ---- queries --------------------------------------------------------------------------------------------
     @property
@@ -122,16 +122,19 @@ class LoraBank:
         for layout in layouts:
             for module_name, module in layout.modules.items():
                 new_ranks[module_name] = max(new_ranks.get(module_name, 0), module.rank)
-        for module_name in new_ranks:
-            if module_name not in self.layers:
-                self._wrap(module_name)
+        wrapped = [module_name for module_name in new_ranks if module_name not in self.layers]
+        for module_name in wrapped:
+            self._wrap(module_name)
         for module_name, layer in self.layers.items():
             _grow(layer, total, max(layer.lora_A.shape[1], new_ranks.get(module_name, 0)))
         self.layouts.extend(layouts)
         for offset, slot in enumerate(targets):
             if slot >= 0:
                 self._load(start + offset, slot, fresh=self.slots.unlimited, on_demand=False)
-        self._refresh_groups()
+        if self.slots.unlimited and not wrapped and all(len(g) == start for g in self._groups):
+            self._extend_groups(start)  # O(layers x new adapters): add_adapter stays O(that adapter)
+        else:
+            self._refresh_groups()
 
     def remove(self, name: str) -> None:
         """Drop adapter `name` from every layer (the others keep their order and weights)."""
@@ -216,7 +219,22 @@ class LoraBank:
         groups: dict[tuple[float, ...], int] = {}
         for layer in self.layers.values():
             layer.scaling_group = groups.setdefault(tuple(layer.scalings), len(groups))
-        self._groups = list(groups) or [()]
+        self._groups = [list(g) for g in groups] or [[]]
+        self._factories.clear()
+
+    def _extend_groups(self, start: int) -> None:
+        """`_refresh_groups` after appending adapters start, start+1, ...: layers of one group stay together
+        unless the new adapters' scalings split them; only the new entries are read."""
+        regroup: dict[tuple[int, tuple[float, ...]], int] = {}
+        values: list[list[float]] = []
+        for layer in self.layers.values():
+            key = (layer.scaling_group, tuple(layer.scalings[start:]))
+            index = regroup.get(key)
+            if index is None:
+                index = regroup[key] = len(values)
+                values.append(self._groups[layer.scaling_group] + list(key[1]))
+            layer.scaling_group = index
+        self._groups = values or [[]]
         self._factories.clear()
 
 
