@@ -224,3 +224,22 @@ def test_mixed_load_good_answered_bad_rejected(server):
     assert len(good) == 180 and all(status == 200 and body["choices"] for _, status, body in good)
     assert len(bad) == 20 and all(400 <= status < 500 and body["error"]["message"] for _, status, body in bad)
     assert httpx.get(server.url + "/health").status_code == 200
+
+
+def test_batches_use_at_most_the_resident_slots(serving_bundle_dir):
+    """With max_resident_adapters=2 the batcher never puts more than 2 distinct adapters in one generate."""
+    import asyncio
+
+    from ariadne_hf.serving.batcher import DynamicBatcher, Job, Row, Sampling
+
+    model = load_bundle(serving_bundle_dir)
+    model.config.max_resident_adapters = 2
+    batcher = DynamicBatcher(model, max_batch_size=16)
+    loop = asyncio.new_event_loop()
+    names = model.adapter_names
+    for adapter in [names[0], names[1], names[2], names[0], "__base__", names[2]]:
+        batcher.pending.append(Job([Row([1, 2], adapter, 4)], Sampling(False), loop))
+    first = {row.adapter for job in batcher._take() for row in job.rows}
+    second = {row.adapter for job in batcher._take() for row in job.rows}
+    loop.close()
+    assert first == {names[0], names[1], "__base__"} and second == {names[2]}

@@ -51,7 +51,8 @@ def test_ray_answers_equal_single_server_and_replica_holds_adapter(ray_server, b
         raw = api(ray_server).completions.with_raw_response.create(model="auto", prompt=prompt, max_tokens=6)
         answer = raw.parse()
         assert answer.model == raw.headers["x-ariadne-adapter"] == adapter
-        assert adapter in raw.headers["x-ariadne-resident"].split(",")  # the answering replica holds the adapter
+        resident = raw.headers["x-ariadne-resident"].split(",")
+        assert adapter in resident and len(resident) <= 2  # the answering replica holds it, in one of its 2 slots
         replicas.add(raw.headers["x-ariadne-replica"])
         tokens = reference_completion(model, model.tokenizer(prompt)["input_ids"], adapter, 6)
         assert answer.choices[0].text == model.tokenizer.decode(tokens, skip_special_tokens=True)

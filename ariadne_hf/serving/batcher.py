@@ -177,6 +177,8 @@ class DynamicBatcher:
             raise ValueError("max_batch_size must be >= 1 and max_wait_ms >= 0.")
         self.model, self.tokenizer = model, model.tokenizer
         self.max_batch_size, self.max_wait = max_batch_size, max_wait_ms / 1000.0
+        # with resident adapter slots, one generate may use at most that many distinct adapters
+        self.max_adapters = getattr(getattr(model, "config", None), "max_resident_adapters", None)
         self.pad_id = pad_id_of(self.tokenizer, model.generation_config)
         eos = model.generation_config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [] if eos is None else [eos])
@@ -231,22 +233,26 @@ class DynamicBatcher:
         return sum(len(j.rows) for j in self.pending if j.sampling == key)
 
     def _take(self) -> list[Job]:
-        """The oldest job plus later jobs with equal sampling, up to max_batch_size rows; drops cancelled ones."""
+        """The oldest job plus later jobs with equal sampling, up to max_batch_size rows and (with resident slots)
+        at most `max_resident_adapters` distinct adapters; drops cancelled ones."""
         while self.pending and self.pending[0].cancelled:
             self._drop(self.pending.popleft())
         if not self.pending:
             return []
         first = self.pending.popleft()
-        taken, rows = [first], len(first.rows)
+        taken, rows, adapters = [first], len(first.rows), _adapters_of(first)
         if first.sampling.seed is None:
             kept: deque[Job] = deque()
             while self.pending:
                 job = self.pending.popleft()
+                union = adapters | _adapters_of(job)
                 if job.cancelled:
                     self._drop(job)
-                elif job.sampling == first.sampling and rows + len(job.rows) <= self.max_batch_size:
+                elif job.sampling == first.sampling and rows + len(job.rows) <= self.max_batch_size and (
+                        self.max_adapters is None or len(union) <= self.max_adapters):
                     taken.append(job)
                     rows += len(job.rows)
+                    adapters = union
                 else:
                     kept.append(job)
             self.pending = kept
@@ -293,3 +299,8 @@ class DynamicBatcher:
         for row in rows:  # rows still live when generate returned (e.g. the backbone's max_length)
             if not row.done:
                 tracker.finish(row, "length")
+
+
+def _adapters_of(job: Job) -> set[str]:
+    """The adapters a job's rows use (the plain backbone needs no slot)."""
+    return {row.adapter for row in job.rows} - {BASE}

@@ -4,14 +4,14 @@
   the router (routing_only.py: tokenizer + embedding table + centroids, no backbone). It routes each request and calls
   the generation deployment with `handle.options(multiplexed_model_id=<adapter>)`, so Ray's router prefers replicas
   that already hold that adapter.
-- `Generator` replicas each load the bundle and run the local engine (dynamic batching, engine.py). A replica's
-  warm adapters are its `@serve.multiplexed(max_num_models_per_replica=K)` cache; responses name the replica
-  (`x-ariadne-replica`) and the adapters it held when it answered (`x-ariadne-resident`).
+- `Generator` replicas each load the bundle with `max_resident_adapters=K`: their layers hold K adapters' LoRA
+  weights, the rest stay in the bundle's files. `@serve.multiplexed(max_num_models_per_replica=K)` loading an adapter
+  makes it resident (least recently used evicted); a replica's dynamic batches use at most K distinct adapters.
+  Responses name the replica (`x-ariadne-replica`), the adapters resident in it when it answered
+  (`x-ariadne-resident`) and whether the adapter was resident before the request (`x-ariadne-warm`).
 
-What multiplexing buys here: on this CPU build every replica loads all of a bundle's adapters (the public loading API
-loads a whole bundle; LoRA weights are small), so the multiplexed cache decides *placement* (requests of one adapter
-concentrate on the replicas that served it, which keeps same-adapter rows together in their batches), not memory.
-Ray's multiplexed routing is best effort: a request may land on a replica that must first "load" its adapter.
+Ray's multiplexed routing is best effort: a request may land on a replica that must first load its adapter (a slot
+load from the memory-mapped file: milliseconds for a rank-8 adapter).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import socket
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from ..lora.residency import ResidencyError
 from .engine import forced_adapter, request_prompts, route_id_lists
 from .prompts import pad_id_of, text_ids
 from .protocol import ADAPTER_HEADER, ChatRequest, CompletionRequest, OpenAIError, public_name
@@ -41,14 +42,23 @@ def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: in
         def __init__(self):
             from ..modeling_ariadne import AriadneRoutedModel
 
-            self.model = AriadneRoutedModel.from_pretrained(bundle)
+            # the replica's layers hold only K adapters (resident slots); the rest stay in the bundle's files
+            self.model = AriadneRoutedModel.from_pretrained(bundle, max_resident_adapters=adapters_per_replica)
             self.engine = None
             self.resident: set[str] = set()
             self.replica = serve.get_replica_context().replica_id.unique_id
 
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
         async def hold_adapter(self, adapter: str):
-            """Make `adapter` warm on this replica (its LoRA weights are already in the bundle's model)."""
+            """Make `adapter` warm on this replica: load its LoRA weights into a slot now (least recently used
+            evicted), so its requests find it resident."""
+            if adapter in self.model.adapter_names:
+                index = self.model.adapter_names.index(adapter)
+                try:
+                    self.model.lora.acquire({index})
+                    self.model.lora.release({index})
+                except ResidencyError:  # every slot pinned by running batches: the batch will load it itself
+                    pass
             return _Warm(adapter, self.resident)
 
         def _engine(self):
@@ -62,14 +72,14 @@ def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: in
 
         async def _prepare(self, kind: str, body: dict):
             adapter = serve.get_multiplexed_model_id()
-            warm = adapter in self.resident  # held before this request: a warm hit
+            warm = adapter in self.model.lora.resident()  # held before this request: a warm hit
             await self.hold_adapter(adapter)
             schema = ChatRequest if kind == "chat" else CompletionRequest
             request = schema.model_validate({**body, "model": adapter})
             return self._engine().prepare(kind, request), warm
 
         def _meta(self, warm: bool = False) -> dict:
-            return {"replica": self.replica, "resident": sorted(self.resident), "warm": warm}
+            return {"replica": self.replica, "resident": sorted(self.model.lora.resident()), "warm": warm}
 
         async def generate(self, kind: str, body: dict) -> dict:
             try:
