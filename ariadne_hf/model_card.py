@@ -185,8 +185,8 @@ def _routing_rows(cfg: dict) -> list[tuple[str, str]]:
              + ("; STALE: adapters changed since, rebuild to recalibrate" if stale else "")),
         ]
     if cfg.get("routing") == "token":
-        rows += [("re-route every n new tokens", cfg.get("reroute_every")), ("top-k adapters mixed", cfg.get("top_k")),
-                 ("softmax temperature", cfg.get("temperature"))]
+        rows += [("re-route every n new tokens", cfg.get("reroute_every")), ("top-k adapters mixed", cfg.get("routing_top_k")),
+                 ("softmax temperature", cfg.get("routing_temperature"))]
     return [(key, _cell(value)) for key, value in rows]
 
 

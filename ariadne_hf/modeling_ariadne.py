@@ -275,13 +275,24 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return bundle_io.load_bundle(cls, pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
-                        **kwargs) -> None:
+                        is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> None:
         """Write the bundle: config, router safetensors, adapters/<name>/, tokenizer, generation config, card.
 
         With `include_backbone=True` the backbone is stored under base/ and the bundle is self-contained.
+        `is_main_process=False` writes nothing (distributed saving); bundles are safetensors only. Any other
+        argument is an error naming it (transformers' sharding/format options do not apply to a bundle).
         """
+        if kwargs:
+            raise TypeError(
+                f"AriadneRoutedModel.save_pretrained got unexpected argument(s) {sorted(kwargs)}; it accepts "
+                "save_directory, include_backbone, is_main_process and safe_serialization=True."
+            )
         if push_to_hub:
             raise ValueError("Use model.push_to_hub(repo_id) to upload a bundle.")
+        if not safe_serialization:
+            raise ValueError("ARIADNE bundles are written as safetensors only (safe_serialization=False is refused).")
+        if not is_main_process:
+            return
         bundle_io.write_bundle(self, save_directory, include_backbone=include_backbone)
 
     def push_to_hub(self, repo_id: str, *, include_backbone: bool = False, **kwargs):
