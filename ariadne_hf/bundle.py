@@ -289,7 +289,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         kwargs.pop(ignored, None)
     if kwargs:
         raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}.")
-    directory = _resolve_directory(os.fspath(name_or_path), hub_kwargs)
+    directory = resolve_bundle_directory(os.fspath(name_or_path), hub_kwargs)
     config, router = read_bundle(directory)
     if resident_override is not _KEEP:
         config.max_resident_adapters = resident_override
@@ -331,7 +331,11 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     return model
 
 
-def _resolve_directory(name_or_path: str, hub_kwargs: dict) -> str:
+def resolve_bundle_directory(name_or_path: str, hub_kwargs: dict) -> str:
+    """A local bundle folder as is, else a Hub repo id downloaded (validated, pinned) by `hub.resolve_bundle`.
+
+    `hub_kwargs` are `resolve_bundle`'s keyword arguments (revision, token, cache_dir, ...).
+    """
     if os.path.isdir(name_or_path):
         return name_or_path
     try:

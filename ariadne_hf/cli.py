@@ -80,9 +80,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .bundle import _resolve_directory, read_bundle
+    from .bundle import read_bundle, resolve_bundle_directory
 
-    directory = _resolve_directory(args.bundle, {"revision": args.revision} if args.revision else {})
+    directory = resolve_bundle_directory(args.bundle, {"revision": args.revision} if args.revision else {})
     config, router = read_bundle(directory)
     info = {
         "bundle": directory,

@@ -34,16 +34,14 @@ from .constants import (
     BASE_DIR,
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
+    IMAGES_DIR,
     MODEL_CARD_NAME,
     PICKLED_WEIGHT_NAMES,
+    REPO_ID_PLACEHOLDER,
     ROUTER_WEIGHTS_NAME,
 )
 
 logger = logging.getLogger(__name__)
-
-IMAGES_DIR = "images"
-REPO_ID_PLACEHOLDER = "your-org/your-ariadne-bundle"
-"""Stands for the repo id in a locally written card's usage snippet; `push_bundle` fills in the real id."""
 
 ROOT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 """Root files pulled with a bundle besides the router: config, generation config and tokenizer files."""

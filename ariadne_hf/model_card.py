@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from .constants import BASE_ADAPTER, BASE_DIR, MODEL_CARD_NAME
-from .hub import IMAGES_DIR, REPO_ID_PLACEHOLDER
+from ._version import __version__
+from .constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
 
 TEMPLATE = "bundle_card.md"
 CONFUSION_IMAGE = f"{IMAGES_DIR}/routing_confusion.png"
@@ -90,8 +90,6 @@ def render_model_card(cfg: dict, centroids: torch.Tensor, centroid_adapter: torc
                       routing_report: dict | None, images: dict[str, str | None], repo_id: str | None) -> Any:
     """Render the template into a huggingface_hub ModelCard (not written anywhere)."""
     from huggingface_hub import ModelCard
-
-    from . import __version__
 
     names = list(cfg.get("adapter_names") or [])
     counts = torch.bincount(centroid_adapter.to(torch.int64).flatten(), minlength=len(names)).tolist() if names \
@@ -229,7 +227,7 @@ def write_card_images(save_directory: str | os.PathLike, cfg: dict, centroids: t
     _plot_centroids(Figure, os.path.join(save_directory, CENTROIDS_IMAGE), coords, explained, centroid_adapter, names)
     confusion = None
     if routing_report and routing_report.get("confusion"):
-        _plot_confusion(Figure, os.path.join(save_directory, CONFUSION_IMAGE), routing_report)
+        plot_confusion_matrix(Figure, os.path.join(save_directory, CONFUSION_IMAGE), routing_report)
         confusion = CONFUSION_IMAGE
     return {"confusion": confusion, "centroids": CENTROIDS_IMAGE, "plots": True}
 
@@ -287,7 +285,8 @@ def _plot_centroids(figure_cls: Any, path: str, coords: torch.Tensor, explained:
     _save(fig, path)
 
 
-def _plot_confusion(figure_cls: Any, path: str, report: dict) -> None:
+def plot_confusion_matrix(figure_cls: Any, path: str, report: dict) -> None:
+    """Draw a routing report's confusion matrix (row shares, counts) with matplotlib's `figure_cls`; save a PNG."""
     labels = list(report["labels"])
     columns = [c if c != BASE_ADAPTER else "base" for c in report["predicted_labels"]]
     counts = torch.tensor(report["confusion"], dtype=torch.float64).reshape(len(labels), len(columns))
