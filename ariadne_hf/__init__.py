@@ -7,8 +7,8 @@ bundle loads with `AutoModelForCausalLM.from_pretrained(path_or_repo)` and works
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ._version import __version__
-from .adapters import AdapterError
-from .bundle import BundleError
+from .bundle.adapters import AdapterError
+from .bundle.local_io import BundleError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
 from .modeling_ariadne import AriadneRoutedModel

@@ -80,7 +80,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .bundle import read_bundle, resolve_bundle_directory
+    from .bundle.local_io import read_bundle, resolve_bundle_directory
 
     directory = resolve_bundle_directory(args.bundle, {"revision": args.revision} if args.revision else {})
     config, router = read_bundle(directory)
@@ -164,7 +164,7 @@ def first_per_task(rows: list[dict], limit: int) -> list[dict]:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_bundle_dir
+    from .bundle.hub import push_bundle_dir
 
     info = push_bundle_dir(args.bundle, args.repo_id, revision=args.revision, private=args.private or None,
                            commit_message=args.message, replace_readme=args.replace_readme)
@@ -173,7 +173,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from .hub import pull_bundle
+    from .bundle.hub import pull_bundle
 
     folder = pull_bundle(args.repo_id, revision=args.revision, local_dir=args.local_dir)
     print(folder)

@@ -13,8 +13,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import bundle as bundle_io
-from .adapters import AdapterError, adapter_summary, resolve_adapter_dir
+from .bundle import local_io as bundle_io
+from .bundle.adapters import AdapterError, adapter_summary, resolve_adapter_dir
 from .calibration import auto_threshold, calibrate_for_build, routable_token_ids
 from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
@@ -297,7 +297,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
     def push_to_hub(self, repo_id: str, *, include_backbone: bool = False, **kwargs):
         """Upload the whole bundle in one commit (see `hub.push_bundle` for the keyword arguments)."""
-        from .hub import push_bundle
+        from .bundle.hub import push_bundle
 
         return push_bundle(lambda d: self.save_pretrained(d, include_backbone=include_backbone), repo_id, **kwargs)
 

@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from ariadne_hf import AriadneConfig
+from ariadne_hf.bundle.model_card import NO_PLOTS_NOTE, centroid_map, write_model_card
 from ariadne_hf.evaluation import routing_report
-from ariadne_hf.model_card import NO_PLOTS_NOTE, centroid_map, write_model_card
 
 NAMES = ["math", "poetry", "code"]
 

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.bundle import BundleError
+from ariadne_hf.bundle.local_io import BundleError
 from ariadne_hf.calibration import (
     auroc,
     calibrate_ood,

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .constants import (
+from ..constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
@@ -148,7 +148,7 @@ def read_bundle_config(directory: str | os.PathLike, where: str, files: Iterable
             f"{where} is not an ariadne bundle: {CONFIG_NAME} has model_type {kind!r}, not 'ariadne'"
             f"{' (a plain transformers model)' if kind else ''}.{_BUNDLE_HINT}"
         )
-    from .configuration_ariadne import check_bundle_version
+    from ..configuration_ariadne import check_bundle_version
 
     check_bundle_version(config.get("bundle_format_version", "1.0"))
     return config

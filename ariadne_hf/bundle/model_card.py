@@ -19,8 +19,8 @@ from typing import Any
 
 import torch
 
-from ._version import __version__
-from .constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
+from .._version import __version__
+from ..constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
 
 TEMPLATE = "bundle_card.md"
 CONFUSION_IMAGE = f"{IMAGES_DIR}/routing_confusion.png"
