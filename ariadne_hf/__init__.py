@@ -12,7 +12,7 @@ from .bundle.local_io import BundleError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
 from .modeling_ariadne import AriadneRoutedModel
-from .router import RoutingDecision
+from .routing.router import RoutingDecision
 
 AutoConfig.register("ariadne", AriadneConfig, exist_ok=True)
 AutoModel.register(AriadneConfig, AriadneRoutedModel, exist_ok=True)

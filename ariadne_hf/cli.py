@@ -107,7 +107,7 @@ def cmd_info(args) -> int:
           f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
           f"{info['centroids']} centroids")
     if config.ood_calibration:
-        from .calibration import calibration_stale
+        from .routing.calibration import calibration_stale
 
         stale = calibration_stale(config)
         print(f"ood        threshold {config.ood_threshold:.3f} (reject={config.reject!r}), cross-fitted "

@@ -15,24 +15,24 @@ from transformers.utils import ModelOutput
 
 from .bundle import local_io as bundle_io
 from .bundle.adapters import AdapterError, adapter_summary, resolve_adapter_dir
-from .calibration import auto_threshold, calibrate_for_build, routable_token_ids
-from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import BASE_ADAPTER
-from .embedding import embed_prompts, load_prompts
 from .kernels import dense_to_topk
 from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .lora.token_routing import SlotResolver
-from .ood import token_counts
-from .router import (
+from .routing.calibration import auto_threshold, calibrate_for_build, routable_token_ids
+from .routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
+from .routing.embedding import embed_prompts, load_prompts
+from .routing.ood import token_counts
+from .routing.router import (
     AriadneRouter,
     RoutingDecision,
     chat_template_affixes,
     embedding_fingerprint,
     strip_template,
 )
-from .whitening import apply_transform
+from .routing.whitening import apply_transform
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
         Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
         of token embeddings), centered on the mean of all prompts, whitened with the shrunk within-adapter
-        covariance (`whitening="within"`, see `ariadne_hf.whitening`) and clustered into at most `num_centroids`
+        covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most `num_centroids`
         centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice versa,
         adapters must be LoRA folders with safetensors weights that fit the backbone.
 
@@ -125,7 +125,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         stored in the config (`routing_report`) and shown on the model card.
 
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
-        an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.calibration`); `reject="auto"` applies it
+        an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"` applies it
         by default (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
         The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None` computes them for at most
         `OOD_AUTO_MAX_ADAPTERS` adapters (or when `reject="auto"`), `ood=True` always, `ood=False` never (then

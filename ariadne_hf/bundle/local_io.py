@@ -252,7 +252,7 @@ def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str,
 
 def check_backbone_matches(config: AriadneConfig, embed_weight: torch.Tensor, where: str) -> None:
     """Refuse a backbone whose input embedding table is not the one the centroids were computed in."""
-    from ..router import embedding_fingerprint, fingerprints_match
+    from ..routing.router import embedding_fingerprint, fingerprints_match
 
     vocab, dim = embed_weight.shape
     if (config.embedding_vocab_size, config.embedding_dim) != (vocab, dim):

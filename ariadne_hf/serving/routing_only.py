@@ -30,7 +30,7 @@ from ..constants import (
     ROUTER_TRANSFORM,
 )
 from ..modeling_ariadne import validate_token_ids
-from ..router import AriadneRouter, RoutingDecision, strip_template
+from ..routing.router import AriadneRouter, RoutingDecision, strip_template
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
