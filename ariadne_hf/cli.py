@@ -123,7 +123,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     run_demo(args.out, examples_per_task=args.examples_per_task)
     return 0
@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_bundle, read_records
-    from .reports import ood_table, routing_table, scores_table
+    from .evaluation.reports import ood_table, routing_table, scores_table
 
     if args.routing != "token" and (args.reroute_every is not None or args.top_k is not None):
         raise ValueError("--reroute-every and --top-k apply to --routing token only.")

@@ -637,7 +637,7 @@ def section_ood(state, splits: int = 10, reject_rate: float = 0.02, plot: str | 
                      f"{100 * report['micro_accuracy']:.1f} | {100 * rejected:.1f} |")
         print(lines[-1], flush=True)
     if plot:
-        from ariadne_hf.reports import plot_ood_histograms
+        from ariadne_hf.evaluation.reports import plot_ood_histograms
 
         plot_ood_histograms(plot, scores["in_domain"], scores["ood"], None)
     return lines

@@ -20,7 +20,7 @@ def plot_confusion(path: str, report: dict) -> bool:
     figure = _figure()
     if figure is None:
         return False
-    from .bundle.model_card import plot_confusion_matrix
+    from ..bundle.model_card import plot_confusion_matrix
 
     plot_confusion_matrix(figure, path, report)
     return True
