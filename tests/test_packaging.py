@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import os
 import pathlib
 import re
 import sys
@@ -61,3 +62,56 @@ def test_hub_transport_errors_come_from_the_declared_http_client():
     assert "httpx2" in core
     hub = core["huggingface-hub"]
     assert not hub.specifier.contains("1.33.0") and hub.specifier.contains("2.4.0")
+
+
+def test_setuptools_package_list_matches_the_source_tree():
+    """pyproject lists packages explicitly (for the hub_cards mapping): every package folder must be listed."""
+    tools = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "ariadne_hf").rglob("__init__.py")}
+    assert set(tools["packages"]) == on_disk | {"ariadne_hf.bundle.hub_cards"}
+    assert tools["package-dir"] == {"ariadne_hf.bundle.hub_cards": "hub_cards"}
+
+
+RENDER_FROM_WHEEL = """
+import sys
+import torch
+import ariadne_hf
+from ariadne_hf.bundle.model_card import write_model_card
+
+site, out = sys.argv[1], sys.argv[2]
+assert ariadne_hf.__file__.startswith(site), ariadne_hf.__file__
+names = ["math", "poetry"]
+adapters = {n: {"rank": 4, "target_modules": ["q_proj"], "num_prompts": 8, "num_centroids": 1} for n in names}
+config = ariadne_hf.AriadneConfig(backbone_name_or_path="org/backbone", backbone_revision="a" * 40,
+                                  adapter_names=names, adapters=adapters, embedding_dim=4, embedding_vocab_size=10)
+write_model_card(out, config, torch.eye(2, 4), torch.arange(2))
+"""
+
+
+def test_a_built_wheel_ships_the_card_templates_and_renders_a_card(tmp_path):
+    import shutil
+    import subprocess
+    import zipfile
+
+    pytest.importorskip("setuptools")
+    source = tmp_path / "src"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    for name in ("ariadne_hf", "hub_cards"):
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation", "--no-deps",
+                            "--no-index", "-w", str(tmp_path / "dist"), str(source)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("ariadne_hf-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "ariadne_hf/bundle/hub_cards/bundle_card.md" in names and not any(n.startswith("hub_cards/") for n in names)
+
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)  # a pure-Python wheel: unpacking it is installing it
+    out = tmp_path / "card"
+    rendered = subprocess.run([sys.executable, "-c", RENDER_FROM_WHEEL, str(site), str(out)], capture_output=True,
+                              text=True, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)})
+    assert rendered.returncode == 0, rendered.stderr
+    readme = (out / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("---\n") and "`math`" in readme and "`poetry`" in readme

@@ -23,6 +23,8 @@ from .._version import __version__
 from ..constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
 
 TEMPLATE = "bundle_card.md"
+CARD_TEMPLATES_PACKAGE = "ariadne_hf.bundle.hub_cards"
+"""The top-level hub_cards/ folder, shipped as this package (pyproject.toml package-dir)."""
 CONFUSION_IMAGE = f"{IMAGES_DIR}/routing_confusion.png"
 CENTROIDS_IMAGE = f"{IMAGES_DIR}/centroids_pca.png"
 CARD_IMAGES = (CONFUSION_IMAGE, CENTROIDS_IMAGE)
@@ -96,7 +98,7 @@ def render_model_card(cfg: dict, centroids: torch.Tensor, centroid_adapter: torc
         else []
     backbone = cfg.get("backbone_name_or_path") or "unknown"
     short = "the bundled backbone" if backbone == BASE_DIR else backbone.rstrip("/").rsplit("/", 1)[-1]
-    template = resources.files(__package__).joinpath("hub_cards", TEMPLATE).read_text(encoding="utf-8")
+    template = resources.files(CARD_TEMPLATES_PACKAGE).joinpath(TEMPLATE).read_text(encoding="utf-8")
     has_plots = images.get("plots", False)
     return ModelCard.from_template(
         card_metadata(cfg),
