@@ -24,6 +24,7 @@ from .lora.token_routing import SlotResolver
 from .routing.calibration import auto_threshold, calibrate_for_build, routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
 from .routing.embedding import embed_prompts, load_prompts
+from .routing.inputs import new_tokens_mask, special_token_weights, validate_token_ids
 from .routing.ood import token_counts
 from .routing.router import (
     AriadneRouter,
@@ -569,48 +570,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         for name, accuracy in report["accuracy"].items():
             self.config.adapters[name]["heldout_accuracy"] = accuracy
         return report
-
-
-def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Per-token-id pooling weights [V]: 1, and 0 for the tokenizer's special tokens (BOS, EOS, pad, chat markers)."""
-    weights = torch.ones(vocab_size, dtype=torch.float32)
-    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
-    if special:
-        weights[torch.tensor(special)] = 0.0
-    return weights
-
-
-def new_tokens_mask(input_ids, attention_mask):
-    """The mask of `input_ids`' own positions: a cached forward (past_key_values) passes a mask [B, past + T] that
-    also covers the cached tokens; routing and validation read only its last T columns [B, T]."""
-    if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
-            and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
-            and attention_mask.shape[1] > input_ids.shape[1]):
-        return attention_mask[:, -input_ids.shape[1]:]
-    return attention_mask
-
-
-def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check ids [B, T] (integer) and mask [B, T]; ids at unmasked positions must lie in [0, vocab_size)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}.")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}."
-        )
-    if vocab_size is not None and input_ids.numel():
-        live = input_ids[attention_mask.bool()]
-        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
-            bad = int(live.max()) if int(live.max()) >= vocab_size else int(live.min())
-            raise ValueError(
-                f"Token id {bad} is outside the backbone's vocabulary [0, {vocab_size}); the ids were probably made "
-                "by another tokenizer. Tokenize with this bundle's tokenizer (model.tokenizer)."
-            )
-    return input_ids, attention_mask
 
 
 def _load_backbone_for_build(base_model, *, revision, dtype, device_map, token):

@@ -216,10 +216,10 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
     """
     import torch
 
-    from ..modeling_ariadne import special_token_weights
     from ..routing.calibration import calibrate_for_build, ood_summary
     from ..routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
     from ..routing.embedding import embed_prompts
+    from ..routing.inputs import special_token_weights
     from ..routing.router import AriadneRouter
 
     names = list(train)

@@ -4,6 +4,7 @@
 - `embedding`   prompt sources and batched pooled embedding
 - `centroids`   k-means per adapter; build_router_tables (center, whitening, centroids)
 - `whitening`   within-adapter whitening (Ledoit-Wolf shrinkage)
+- `inputs`      token-id / mask checks, special-token pooling weights
 - `ood`         out-of-distribution score
 - `calibration` cross-fitted calibration of the ood score
 

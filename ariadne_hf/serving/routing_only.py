@@ -29,7 +29,7 @@ from ..constants import (
     ROUTER_TOKEN_WEIGHTS,
     ROUTER_TRANSFORM,
 )
-from ..modeling_ariadne import validate_token_ids
+from ..routing.inputs import validate_token_ids
 from ..routing.router import AriadneRouter, RoutingDecision, strip_template
 
 SAFE_WEIGHTS = "model.safetensors"
