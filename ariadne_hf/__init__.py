@@ -6,14 +6,13 @@ bundle loads with `AutoModelForCausalLM.from_pretrained(path_or_repo)` and works
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from .adapters import AdapterError
-from .bundle import BundleError
+from ._version import __version__
+from .bundle.adapters import AdapterError
+from .bundle.local_io import BundleError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
 from .modeling_ariadne import AriadneRoutedModel
-from .router import RoutingDecision
-
-__version__ = "0.1.0"
+from .routing.router import RoutingDecision
 
 AutoConfig.register("ariadne", AriadneConfig, exist_ok=True)
 AutoModel.register(AriadneConfig, AriadneRoutedModel, exist_ok=True)

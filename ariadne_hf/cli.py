@@ -80,9 +80,9 @@ def cmd_generate(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .bundle import _resolve_directory, read_bundle
+    from .bundle.local_io import read_bundle, resolve_bundle_directory
 
-    directory = _resolve_directory(args.bundle, {"revision": args.revision} if args.revision else {})
+    directory = resolve_bundle_directory(args.bundle, {"revision": args.revision} if args.revision else {})
     config, router = read_bundle(directory)
     info = {
         "bundle": directory,
@@ -107,7 +107,7 @@ def cmd_info(args) -> int:
           f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
           f"{info['centroids']} centroids")
     if config.ood_calibration:
-        from .calibration import calibration_stale
+        from .routing.calibration import calibration_stale
 
         stale = calibration_stale(config)
         print(f"ood        threshold {config.ood_threshold:.3f} (reject={config.reject!r}), cross-fitted "
@@ -123,7 +123,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from .evaluation.demo import run_demo
 
     run_demo(args.out, examples_per_task=args.examples_per_task)
     return 0
@@ -131,7 +131,7 @@ def cmd_demo(args) -> int:
 
 def cmd_eval(args) -> int:
     from .evaluation import evaluate_bundle, read_records
-    from .reports import ood_table, routing_table, scores_table
+    from .evaluation.reports import ood_table, routing_table, scores_table
 
     if args.routing != "token" and (args.reroute_every is not None or args.top_k is not None):
         raise ValueError("--reroute-every and --top-k apply to --routing token only.")
@@ -164,7 +164,7 @@ def first_per_task(rows: list[dict], limit: int) -> list[dict]:
 
 
 def cmd_push(args) -> int:
-    from .hub import push_bundle_dir
+    from .bundle.hub import push_bundle_dir
 
     info = push_bundle_dir(args.bundle, args.repo_id, revision=args.revision, private=args.private or None,
                            commit_message=args.message, replace_readme=args.replace_readme)
@@ -173,7 +173,7 @@ def cmd_push(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from .hub import pull_bundle
+    from .bundle.hub import pull_bundle
 
     folder = pull_bundle(args.repo_id, revision=args.revision, local_dir=args.local_dir)
     print(folder)

@@ -13,26 +13,27 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from . import bundle as bundle_io
-from .adapters import AdapterError, adapter_summary, resolve_adapter_dir
-from .calibration import auto_threshold, calibrate_for_build, routable_token_ids
-from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
+from .bundle import local_io as bundle_io
+from .bundle.adapters import AdapterError, adapter_summary, resolve_adapter_dir
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import BASE_ADAPTER
-from .embedding import embed_prompts, load_prompts
 from .kernels import dense_to_topk
 from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .lora.token_routing import SlotResolver
-from .ood import token_counts
-from .router import (
+from .routing.calibration import auto_threshold, calibrate_for_build, routable_token_ids
+from .routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
+from .routing.embedding import embed_prompts, load_prompts
+from .routing.inputs import new_tokens_mask, special_token_weights, validate_token_ids
+from .routing.ood import token_counts
+from .routing.router import (
     AriadneRouter,
     RoutingDecision,
     chat_template_affixes,
     embedding_fingerprint,
     strip_template,
 )
-from .whitening import apply_transform
+from .routing.whitening import apply_transform
 
 logger = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
 
         Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
         of token embeddings), centered on the mean of all prompts, whitened with the shrunk within-adapter
-        covariance (`whitening="within"`, see `ariadne_hf.whitening`) and clustered into at most `num_centroids`
+        covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most `num_centroids`
         centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice versa,
         adapters must be LoRA folders with safetensors weights that fit the backbone.
 
@@ -125,7 +126,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         stored in the config (`routing_report`) and shown on the model card.
 
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
-        an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.calibration`); `reject="auto"` applies it
+        an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"` applies it
         by default (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
         The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None` computes them for at most
         `OOD_AUTO_MAX_ADAPTERS` adapters (or when `reject="auto"`), `ood=True` always, `ood=False` never (then
@@ -275,18 +276,29 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         return bundle_io.load_bundle(cls, pretrained_model_name_or_path, **kwargs)
 
     def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
-                        **kwargs) -> None:
+                        is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> None:
         """Write the bundle: config, router safetensors, adapters/<name>/, tokenizer, generation config, card.
 
         With `include_backbone=True` the backbone is stored under base/ and the bundle is self-contained.
+        `is_main_process=False` writes nothing (distributed saving); bundles are safetensors only. Any other
+        argument is an error naming it (transformers' sharding/format options do not apply to a bundle).
         """
+        if kwargs:
+            raise TypeError(
+                f"AriadneRoutedModel.save_pretrained got unexpected argument(s) {sorted(kwargs)}; it accepts "
+                "save_directory, include_backbone, is_main_process and safe_serialization=True."
+            )
         if push_to_hub:
             raise ValueError("Use model.push_to_hub(repo_id) to upload a bundle.")
+        if not safe_serialization:
+            raise ValueError("ARIADNE bundles are written as safetensors only (safe_serialization=False is refused).")
+        if not is_main_process:
+            return
         bundle_io.write_bundle(self, save_directory, include_backbone=include_backbone)
 
     def push_to_hub(self, repo_id: str, *, include_backbone: bool = False, **kwargs):
         """Upload the whole bundle in one commit (see `hub.push_bundle` for the keyword arguments)."""
-        from .hub import push_bundle
+        from .bundle.hub import push_bundle
 
         return push_bundle(lambda d: self.save_pretrained(d, include_backbone=include_backbone), repo_id, **kwargs)
 
@@ -558,48 +570,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         for name, accuracy in report["accuracy"].items():
             self.config.adapters[name]["heldout_accuracy"] = accuracy
         return report
-
-
-def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
-    """Per-token-id pooling weights [V]: 1, and 0 for the tokenizer's special tokens (BOS, EOS, pad, chat markers)."""
-    weights = torch.ones(vocab_size, dtype=torch.float32)
-    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
-    if special:
-        weights[torch.tensor(special)] = 0.0
-    return weights
-
-
-def new_tokens_mask(input_ids, attention_mask):
-    """The mask of `input_ids`' own positions: a cached forward (past_key_values) passes a mask [B, past + T] that
-    also covers the cached tokens; routing and validation read only its last T columns [B, T]."""
-    if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
-            and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
-            and attention_mask.shape[1] > input_ids.shape[1]):
-        return attention_mask[:, -input_ids.shape[1]:]
-    return attention_mask
-
-
-def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Check ids [B, T] (integer) and mask [B, T]; ids at unmasked positions must lie in [0, vocab_size)."""
-    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}.")
-    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(
-            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}."
-        )
-    if vocab_size is not None and input_ids.numel():
-        live = input_ids[attention_mask.bool()]
-        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
-            bad = int(live.max()) if int(live.max()) >= vocab_size else int(live.min())
-            raise ValueError(
-                f"Token id {bad} is outside the backbone's vocabulary [0, {vocab_size}); the ids were probably made "
-                "by another tokenizer. Tokenize with this bundle's tokenizer (model.tokenizer)."
-            )
-    return input_ids, attention_mask
 
 
 def _load_backbone_for_build(base_model, *, revision, dtype, device_map, token):

@@ -23,7 +23,7 @@ def demo_model(bundle: str | None):
     from ariadne_hf import AriadneRoutedModel
     from ariadne_hf.data import demo_adapters_dir
     from ariadne_hf.default_backbone import default_backbone_path
-    from ariadne_hf.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
 
     if bundle and os.path.isdir(bundle):
         return AriadneRoutedModel.from_pretrained(bundle)
@@ -42,8 +42,8 @@ def main() -> None:
     parser.add_argument("--save-bundle", default=None, help="load/save the demo bundle here")
     parser.add_argument("--data-out", default=None, help="also write the demo tasks' test rows as JSON lines here")
     args = parser.parse_args()
-    from ariadne_hf.demo import _rows_by_task, demo_tasks
-    from ariadne_hf.task_metrics import best_choice_hits, choice_scores, choice_scores_per_row
+    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.task_metrics import best_choice_hits, choice_scores, choice_scores_per_row
 
     torch.set_grad_enabled(False)
     model = demo_model(args.save_bundle)

@@ -19,8 +19,8 @@ def main() -> None:
     args = parser.parse_args()
     from bench_multiple_choice import demo_model
 
-    from ariadne_hf.demo import _rows_by_task, demo_tasks
-    from ariadne_hf.task_metrics import left_pad, prompt_ids
+    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.task_metrics import left_pad, prompt_ids
 
     torch.set_grad_enabled(False)
     model = demo_model(args.bundle)

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ariadne_hf.whitening import ledoit_wolf_shrinkage
+from ariadne_hf.routing.whitening import ledoit_wolf_shrinkage
 
 MAX_TOKENS = 512
 SMALL_TASK_TRAIN = 150
@@ -637,7 +637,7 @@ def section_ood(state, splits: int = 10, reject_rate: float = 0.02, plot: str | 
                      f"{100 * report['micro_accuracy']:.1f} | {100 * rejected:.1f} |")
         print(lines[-1], flush=True)
     if plot:
-        from ariadne_hf.reports import plot_ood_histograms
+        from ariadne_hf.evaluation.reports import plot_ood_histograms
 
         plot_ood_histograms(plot, scores["in_domain"], scores["ood"], None)
     return lines
@@ -658,7 +658,7 @@ OOD_CANDIDATES = {
 def _ood_fit(train: Split, table: torch.Tensor, weights: torch.Tensor, num: int) -> dict:
     """Candidate state from building prompts: center, within/total whitening, adapter means, per-adapter shrunk
     covariances (whitened space), prompt bank, token tables."""
-    from ariadne_hf.ood import token_tables
+    from ariadne_hf.routing.ood import token_tables
 
     pooled = pool(train.counts, table, weights)
     center = pooled.mean(0)
@@ -716,7 +716,7 @@ def _subset(split: Split, index: list[int], vocab: int) -> Split:
 def section_ood_candidates(state, train, test, splits: int = 10, folds: int = 5, reject_rate: float = 0.02):
     """Every candidate score on the same protocol: 12 tasks in, 12 out, 10 halvings; z-score statistics and the
     threshold from cross-fitted held-out building prompts (5 folds), as the shipped calibration does."""
-    from ariadne_hf.calibration import auroc, fold_assignment, fpr_at_tpr
+    from ariadne_hf.routing.calibration import auroc, fold_assignment, fpr_at_tpr
 
     table = state["table"]
     weights = torch.ones(table.shape[0])

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ariadne_hf.data import demo_adapters_dir, load_routing_dev
 from ariadne_hf.default_backbone import default_backbone_path
-from ariadne_hf.task_metrics import gold_strings, normalise
+from ariadne_hf.evaluation.task_metrics import gold_strings, normalise
 
 MAX_PROMPT_TOKENS = 384
 MAX_NEW_TOKENS = 16

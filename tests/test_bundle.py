@@ -140,3 +140,18 @@ def _safetensor_keys(path):
 
     with safe_open(path, framework="pt") as handle:
         return list(handle.keys())
+
+
+def test_save_pretrained_refuses_unknown_arguments_by_name(tiny_model, tmp_path):
+    with pytest.raises(TypeError, match="max_shard_size"):
+        tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny_model.save_pretrained(tmp_path / "pickled", safe_serialization=False)
+    assert not (tmp_path / "sharded").exists() and not (tmp_path / "pickled").exists()
+
+
+def test_save_pretrained_writes_nothing_off_the_main_process(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path / "worker", is_main_process=False)
+    assert not (tmp_path / "worker").exists()
+    tiny_model.save_pretrained(tmp_path / "main", safe_serialization=True)
+    assert (tmp_path / "main" / "config.json").is_file()

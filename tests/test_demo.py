@@ -14,7 +14,7 @@ pytest.importorskip("gguf", reason="converting the default backbone needs the gg
 @pytest.mark.slow
 def test_demo_routes_real_prompts_and_writes_a_report(tmp_path, capsys):
     from ariadne_hf.cli import main
-    from ariadne_hf.demo import demo_tasks
+    from ariadne_hf.evaluation.demo import demo_tasks
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out)]) == 0

@@ -7,7 +7,7 @@ import torch
 
 from ariadne_hf.cli import main
 from ariadne_hf.evaluation import routing_report, task_scores
-from ariadne_hf.task_metrics import choice_hits, left_pad, prompt_ids
+from ariadne_hf.evaluation.task_metrics import choice_hits, left_pad, prompt_ids
 
 
 def test_routing_report_counts():
@@ -72,7 +72,7 @@ def test_eval_cli_writes_a_report(tiny_model, tiny_assets, tmp_path, capsys):
 
 
 def test_fast_choice_scores_equal_the_per_row_path(tiny_model, tiny_assets):
-    from ariadne_hf.task_metrics import choice_scores, choice_scores_per_row
+    from ariadne_hf.evaluation.task_metrics import choice_scores, choice_scores_per_row
 
     rows = [{"text": p, "choices": ["plus", "seven eight moon", "ten", "add sum"], "answer": 1}
             for n in ("math", "poetry") for p in tiny_assets["test"][n][:2]]

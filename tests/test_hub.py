@@ -17,7 +17,7 @@ from hub_server import HubServer, use_hub
 from safetensors.torch import save_file
 
 from ariadne_hf import AriadneConfig
-from ariadne_hf.hub import (
+from ariadne_hf.bundle.hub import (
     BundleNotCachedError,
     BundleNotFoundError,
     BundleRevisionNotFoundError,
@@ -71,7 +71,7 @@ def make_bundle(directory, adapter_names=("math", "code"), *, readme: str | None
         (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 2}))
         save_file({"lora_A": torch.randn(2, 8, generator=gen)}, str(folder / "adapter_model.safetensors"))
     if readme == "generated":
-        from ariadne_hf.model_card import write_model_card
+        from ariadne_hf.bundle.model_card import write_model_card
 
         config = AriadneConfig.from_pretrained(directory)
         write_model_card(directory, config, torch.randn(k, 8, generator=gen),

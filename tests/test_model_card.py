@@ -10,8 +10,8 @@ import torch
 import yaml
 
 from ariadne_hf import AriadneConfig
+from ariadne_hf.bundle.model_card import NO_PLOTS_NOTE, centroid_map, write_model_card
 from ariadne_hf.evaluation import routing_report
-from ariadne_hf.model_card import NO_PLOTS_NOTE, centroid_map, write_model_card
 
 NAMES = ["math", "poetry", "code"]
 
@@ -162,3 +162,13 @@ def test_card_shows_the_ood_calibration(tiny_model, tmp_path):
     card = (tmp_path / "bundle" / "README.md").read_text()
     assert "ood calibration" in card and "cross-fitted, 5 folds" in card
     assert "off (ood scores reported" in card and "STALE" not in card
+
+
+def test_card_routing_table_shows_the_token_routing_options(tmp_path):
+    centroids, owner = tables()
+    config = make_config(routing="token", reroute_every=3, routing_top_k=3, routing_temperature=0.25)
+    write_model_card(tmp_path, config, centroids, owner)
+    rows = dict(table_rows((tmp_path / "README.md").read_text(), "| setting |"))
+    assert rows["re-route every n new tokens"] == "3"
+    assert rows["top-k adapters mixed"] == "3"
+    assert rows["softmax temperature"] == "0.25"

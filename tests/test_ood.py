@@ -8,8 +8,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.bundle import BundleError
-from ariadne_hf.calibration import (
+from ariadne_hf.bundle.local_io import BundleError
+from ariadne_hf.constants import ROUTER_OOD_STATS, ROUTER_TOKEN_COUNTS, ROUTER_WEIGHTS_NAME
+from ariadne_hf.routing.calibration import (
     auroc,
     calibrate_ood,
     calibration_stale,
@@ -17,8 +18,7 @@ from ariadne_hf.calibration import (
     fpr_at_tpr,
     ood_summary,
 )
-from ariadne_hf.constants import ROUTER_OOD_STATS, ROUTER_TOKEN_COUNTS, ROUTER_WEIGHTS_NAME
-from ariadne_hf.ood import ALPHA, ood_components, token_tables
+from ariadne_hf.routing.ood import ALPHA, ood_components, token_tables
 
 
 def test_components_match_a_per_row_python_oracle():

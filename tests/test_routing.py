@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.centroids import kmeans
+from ariadne_hf.routing.centroids import kmeans
 
 
 def test_routes_held_out_prompts_to_their_adapter(tiny_assets, tiny_model):
@@ -111,7 +111,7 @@ def test_chat_template_boilerplate_is_not_routed(tiny_assets):
     """A chat-formatted prompt routes exactly like its raw text (the template's fixed tokens are ignored)."""
     from tiny_models import make_tokenizer
 
-    from ariadne_hf.router import chat_template_affixes, strip_template
+    from ariadne_hf.routing.router import chat_template_affixes, strip_template
 
     tokenizer = make_tokenizer()
     tokenizer.chat_template = ("{% for m in messages %}you can write the poem about {{ m['content'] }}"

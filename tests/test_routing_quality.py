@@ -52,7 +52,7 @@ def test_router_only_report_ood_figures_match_the_built_model(tiny_assets, tiny_
     from tiny_models import make_prompts
     from transformers import AutoTokenizer
 
-    from ariadne_hf.calibration import ood_summary
+    from ariadne_hf.routing.calibration import ood_summary
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_assets["backbone"])
     table = tiny_model.get_input_embeddings().weight.detach()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from serving_bundle import build_serving_bundle, load_bundle
 
-from ariadne_hf.bundle import BundleError
+from ariadne_hf.bundle.local_io import BundleError
 from ariadne_hf.serving.app import LocalBackend, create_app
 from ariadne_hf.serving.launch import build_gateway_app
 from ariadne_hf.serving.routing_only import load_routing_only, read_input_embeddings

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ariadne_hf.centroids import build_router_tables
 from ariadne_hf.kernels import embed_pool_distance_ref
 from ariadne_hf.kernels.reference import centroid_scores_ref
-from ariadne_hf.whitening import apply_transform, ledoit_wolf_shrinkage, within_adapter_whitening
+from ariadne_hf.routing.centroids import build_router_tables
+from ariadne_hf.routing.whitening import apply_transform, ledoit_wolf_shrinkage, within_adapter_whitening
 
 
 def ledoit_wolf_paper(x: torch.Tensor) -> float:
@@ -82,7 +82,7 @@ def test_tables_are_the_kmeans_of_the_whitened_points_and_scores_follow_the_spec
     pooled = [torch.randn(n, 6, generator=gen) + 3 * torch.randn(6, generator=gen) for n in (12, 20, 9)]
     tables = build_router_tables(pooled, num_centroids=2, whitening="within", seed=3)
     assert tables.centroid_counts == [2, 2, 2] and tables.centroid_adapter.tolist() == [0, 0, 1, 1, 2, 2]
-    from ariadne_hf.centroids import kmeans
+    from ariadne_hf.routing.centroids import kmeans
 
     again = kmeans(apply_transform(pooled[1], tables.center, tables.transform), 2, seed=3)
     assert torch.equal(tables.centroids[2:4], again)

@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..adapters import AdapterError, check_adapter_dir, declared_base
+from ..bundle.adapters import AdapterError, check_adapter_dir, declared_base
 from ..constants import ADAPTER_WEIGHTS_NAME
 
 PEFT_PREFIX = "base_model.model."

@@ -20,7 +20,7 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..bundle import BundleError, _resolve_directory, check_backbone_matches, read_bundle
+from ..bundle.local_io import BundleError, check_backbone_matches, read_bundle, resolve_bundle_directory
 from ..constants import (
     BASE_DIR,
     ROUTER_CENTER,
@@ -29,8 +29,8 @@ from ..constants import (
     ROUTER_TOKEN_WEIGHTS,
     ROUTER_TRANSFORM,
 )
-from ..modeling_ariadne import validate_token_ids
-from ..router import AriadneRouter, RoutingDecision, strip_template
+from ..routing.inputs import validate_token_ids
+from ..routing.router import AriadneRouter, RoutingDecision, strip_template
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -70,7 +70,7 @@ def load_routing_only(bundle: str, *, revision: str | None = None, token: str | 
     from transformers import AutoTokenizer
 
     hub = {k: v for k, v in (("revision", revision), ("token", token)) if v}
-    directory = _resolve_directory(os.fspath(bundle), hub)
+    directory = resolve_bundle_directory(os.fspath(bundle), hub)
     config, tables = read_bundle(directory)
     if config.backbone_name_or_path == BASE_DIR:
         reference, backbone_revision = os.path.join(directory, BASE_DIR), None

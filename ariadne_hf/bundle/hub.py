@@ -27,23 +27,21 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .constants import (
+from ..constants import (
     ADAPTER_CONFIG_NAME,
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
     BASE_DIR,
     CONFIG_NAME,
     GENERATION_CONFIG_NAME,
+    IMAGES_DIR,
     MODEL_CARD_NAME,
     PICKLED_WEIGHT_NAMES,
+    REPO_ID_PLACEHOLDER,
     ROUTER_WEIGHTS_NAME,
 )
 
 logger = logging.getLogger(__name__)
-
-IMAGES_DIR = "images"
-REPO_ID_PLACEHOLDER = "your-org/your-ariadne-bundle"
-"""Stands for the repo id in a locally written card's usage snippet; `push_bundle` fills in the real id."""
 
 ROOT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
 """Root files pulled with a bundle besides the router: config, generation config and tokenizer files."""
@@ -150,7 +148,7 @@ def read_bundle_config(directory: str | os.PathLike, where: str, files: Iterable
             f"{where} is not an ariadne bundle: {CONFIG_NAME} has model_type {kind!r}, not 'ariadne'"
             f"{' (a plain transformers model)' if kind else ''}.{_BUNDLE_HINT}"
         )
-    from .configuration_ariadne import check_bundle_version
+    from ..configuration_ariadne import check_bundle_version
 
     check_bundle_version(config.get("bundle_format_version", "1.0"))
     return config

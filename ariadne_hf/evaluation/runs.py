@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .constants import BASE_ADAPTER
+from ..constants import BASE_ADAPTER
 
 
 def routing_report(true_labels: list[str], predicted: list[str], adapter_order: list[str]) -> dict:
@@ -104,7 +104,7 @@ def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], m
     """
     from tqdm.auto import tqdm
 
-    from .constants import BASE_ADAPTER
+    from ..constants import BASE_ADAPTER
     from .task_metrics import choice_hits, exact_match
 
     if metric not in ("exact_match", "multiple_choice"):
@@ -182,7 +182,7 @@ def evaluate_bundle(model, rows: list[dict], *, task_to_adapter: dict[str, str] 
         if not model.router.has_ood():
             raise ValueError("This bundle has no out-of-distribution score (built before ariadne_hf 1.2 bundles); "
                              "rebuild it with from_adapters to evaluate --ood.")
-        from .calibration import ood_summary
+        from ..routing.calibration import ood_summary
 
         out_scores = route_rows(model, ood_rows, as_chat=as_chat, with_ood=True)[3]
         report["ood"] = ood_summary(in_scores, out_scores, model.config.ood_threshold)
@@ -216,11 +216,11 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
     """
     import torch
 
-    from .calibration import calibrate_for_build, ood_summary
-    from .centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
-    from .embedding import embed_prompts
-    from .modeling_ariadne import special_token_weights
-    from .router import AriadneRouter
+    from ..routing.calibration import calibrate_for_build, ood_summary
+    from ..routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
+    from ..routing.embedding import embed_prompts
+    from ..routing.inputs import special_token_weights
+    from ..routing.router import AriadneRouter
 
     names = list(train)
     weights = special_token_weights(tokenizer, embed_weight.shape[0])  # [V]

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .constants import BASE_ADAPTER
-from .kernels import embed_pool_distance
+from ..constants import BASE_ADAPTER
+from ..kernels import embed_pool_distance
 from .ood import combine, ood_components, routing_weights, token_tables
 
 

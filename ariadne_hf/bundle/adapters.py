@@ -9,7 +9,7 @@ from typing import Any
 
 from peft import LoraConfig, PeftConfig
 
-from .constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGHT_NAMES
+from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGHT_NAMES
 
 
 class AdapterError(ValueError):

@@ -17,9 +17,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .adapters import AdapterError, check_adapter_dir, file_sha256
-from .configuration_ariadne import AriadneConfig, validate_routing_options
-from .constants import (
+from ..configuration_ariadne import AriadneConfig, validate_routing_options
+from ..constants import (
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
     BASE_DIR,
@@ -34,7 +33,8 @@ from .constants import (
     ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
 )
-from .lora import LoraBank
+from ..lora import LoraBank
+from .adapters import AdapterError, check_adapter_dir, file_sha256
 
 logger = logging.getLogger(__name__)
 _KEEP = object()
@@ -252,7 +252,7 @@ def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str,
 
 def check_backbone_matches(config: AriadneConfig, embed_weight: torch.Tensor, where: str) -> None:
     """Refuse a backbone whose input embedding table is not the one the centroids were computed in."""
-    from .router import embedding_fingerprint, fingerprints_match
+    from ..routing.router import embedding_fingerprint, fingerprints_match
 
     vocab, dim = embed_weight.shape
     if (config.embedding_vocab_size, config.embedding_dim) != (vocab, dim):
@@ -289,7 +289,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         kwargs.pop(ignored, None)
     if kwargs:
         raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}.")
-    directory = _resolve_directory(os.fspath(name_or_path), hub_kwargs)
+    directory = resolve_bundle_directory(os.fspath(name_or_path), hub_kwargs)
     config, router = read_bundle(directory)
     if resident_override is not _KEEP:
         config.max_resident_adapters = resident_override
@@ -331,7 +331,11 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     return model
 
 
-def _resolve_directory(name_or_path: str, hub_kwargs: dict) -> str:
+def resolve_bundle_directory(name_or_path: str, hub_kwargs: dict) -> str:
+    """A local bundle folder as is, else a Hub repo id downloaded (validated, pinned) by `hub.resolve_bundle`.
+
+    `hub_kwargs` are `resolve_bundle`'s keyword arguments (revision, token, cache_dir, ...).
+    """
     if os.path.isdir(name_or_path):
         return name_or_path
     try:

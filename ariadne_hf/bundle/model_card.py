@@ -19,10 +19,12 @@ from typing import Any
 
 import torch
 
-from .constants import BASE_ADAPTER, BASE_DIR, MODEL_CARD_NAME
-from .hub import IMAGES_DIR, REPO_ID_PLACEHOLDER
+from .._version import __version__
+from ..constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
 
 TEMPLATE = "bundle_card.md"
+CARD_TEMPLATES_PACKAGE = "ariadne_hf.bundle.hub_cards"
+"""The top-level hub_cards/ folder, shipped as this package (pyproject.toml package-dir)."""
 CONFUSION_IMAGE = f"{IMAGES_DIR}/routing_confusion.png"
 CENTROIDS_IMAGE = f"{IMAGES_DIR}/centroids_pca.png"
 CARD_IMAGES = (CONFUSION_IMAGE, CENTROIDS_IMAGE)
@@ -91,14 +93,12 @@ def render_model_card(cfg: dict, centroids: torch.Tensor, centroid_adapter: torc
     """Render the template into a huggingface_hub ModelCard (not written anywhere)."""
     from huggingface_hub import ModelCard
 
-    from . import __version__
-
     names = list(cfg.get("adapter_names") or [])
     counts = torch.bincount(centroid_adapter.to(torch.int64).flatten(), minlength=len(names)).tolist() if names \
         else []
     backbone = cfg.get("backbone_name_or_path") or "unknown"
     short = "the bundled backbone" if backbone == BASE_DIR else backbone.rstrip("/").rsplit("/", 1)[-1]
-    template = resources.files(__package__).joinpath("hub_cards", TEMPLATE).read_text(encoding="utf-8")
+    template = resources.files(CARD_TEMPLATES_PACKAGE).joinpath(TEMPLATE).read_text(encoding="utf-8")
     has_plots = images.get("plots", False)
     return ModelCard.from_template(
         card_metadata(cfg),
@@ -185,8 +185,8 @@ def _routing_rows(cfg: dict) -> list[tuple[str, str]]:
              + ("; STALE: adapters changed since, rebuild to recalibrate" if stale else "")),
         ]
     if cfg.get("routing") == "token":
-        rows += [("re-route every n new tokens", cfg.get("reroute_every")), ("top-k adapters mixed", cfg.get("top_k")),
-                 ("softmax temperature", cfg.get("temperature"))]
+        rows += [("re-route every n new tokens", cfg.get("reroute_every")), ("top-k adapters mixed", cfg.get("routing_top_k")),
+                 ("softmax temperature", cfg.get("routing_temperature"))]
     return [(key, _cell(value)) for key, value in rows]
 
 
@@ -229,7 +229,7 @@ def write_card_images(save_directory: str | os.PathLike, cfg: dict, centroids: t
     _plot_centroids(Figure, os.path.join(save_directory, CENTROIDS_IMAGE), coords, explained, centroid_adapter, names)
     confusion = None
     if routing_report and routing_report.get("confusion"):
-        _plot_confusion(Figure, os.path.join(save_directory, CONFUSION_IMAGE), routing_report)
+        plot_confusion_matrix(Figure, os.path.join(save_directory, CONFUSION_IMAGE), routing_report)
         confusion = CONFUSION_IMAGE
     return {"confusion": confusion, "centroids": CENTROIDS_IMAGE, "plots": True}
 
@@ -287,7 +287,8 @@ def _plot_centroids(figure_cls: Any, path: str, coords: torch.Tensor, explained:
     _save(fig, path)
 
 
-def _plot_confusion(figure_cls: Any, path: str, report: dict) -> None:
+def plot_confusion_matrix(figure_cls: Any, path: str, report: dict) -> None:
+    """Draw a routing report's confusion matrix (row shares, counts) with matplotlib's `figure_cls`; save a PNG."""
     labels = list(report["labels"])
     columns = [c if c != BASE_ADAPTER else "base" for c in report["predicted_labels"]]
     counts = torch.tensor(report["confusion"], dtype=torch.float64).reshape(len(labels), len(columns))

@@ -20,9 +20,9 @@ def plot_confusion(path: str, report: dict) -> bool:
     figure = _figure()
     if figure is None:
         return False
-    from .model_card import _plot_confusion
+    from ..bundle.model_card import plot_confusion_matrix
 
-    _plot_confusion(figure, path, report)
+    plot_confusion_matrix(figure, path, report)
     return True
 
 

@@ -1,0 +1,9 @@
+"""The bundle: one folder (or Hub repo) holding config, router tensors, tokenizer, adapters and a model card.
+
+- `local_io`   write/read a local bundle, integrity (sha256), version and backbone checks, load into a model
+- `adapters`   PEFT adapter folders: resolve (local/Hub), validate, summary
+- `hub`        push (one commit) / pull (snapshot_download, pinned, validated) and the Hub errors
+- `model_card` README.md rendered from `hub_cards/` plus the routing pictures
+
+Import from the submodules; this package imports nothing so that any of them loads on its own.
+"""

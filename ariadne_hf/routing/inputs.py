@@ -1,0 +1,47 @@
+"""Routing inputs: token-id and mask checks, the mask of a cached forward's new tokens, special-token weights."""
+
+from __future__ import annotations
+
+import torch
+
+
+def special_token_weights(tokenizer, vocab_size: int) -> torch.Tensor:
+    """Per-token-id pooling weights [V]: 1, and 0 for the tokenizer's special tokens (BOS, EOS, pad, chat markers)."""
+    weights = torch.ones(vocab_size, dtype=torch.float32)
+    special = [i for i in getattr(tokenizer, "all_special_ids", []) if 0 <= i < vocab_size]
+    if special:
+        weights[torch.tensor(special)] = 0.0
+    return weights
+
+
+def new_tokens_mask(input_ids, attention_mask):
+    """The mask of `input_ids`' own positions: a cached forward (past_key_values) passes a mask [B, past + T] that
+    also covers the cached tokens; routing and validation read only its last T columns [B, T]."""
+    if (isinstance(attention_mask, torch.Tensor) and isinstance(input_ids, torch.Tensor) and attention_mask.ndim == 2
+            and input_ids.ndim == 2 and attention_mask.shape[0] == input_ids.shape[0]
+            and attention_mask.shape[1] > input_ids.shape[1]):
+        return attention_mask[:, -input_ids.shape[1]:]
+    return attention_mask
+
+
+def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Check ids [B, T] (integer) and mask [B, T]; ids at unmasked positions must lie in [0, vocab_size)."""
+    if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be a 2-D tensor [B, T], got {getattr(input_ids, 'shape', type(input_ids))}.")
+    if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+        raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask shape {tuple(attention_mask.shape)} differs from input_ids shape {tuple(input_ids.shape)}."
+        )
+    if vocab_size is not None and input_ids.numel():
+        live = input_ids[attention_mask.bool()]
+        if live.numel() and (int(live.min()) < 0 or int(live.max()) >= vocab_size):
+            bad = int(live.max()) if int(live.max()) >= vocab_size else int(live.min())
+            raise ValueError(
+                f"Token id {bad} is outside the backbone's vocabulary [0, {vocab_size}); the ids were probably made "
+                "by another tokenizer. Tokenize with this bundle's tokenizer (model.tokenizer)."
+            )
+    return input_ids, attention_mask

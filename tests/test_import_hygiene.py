@@ -1,0 +1,96 @@
+"""Module boundaries: no private name imported across modules, no submodule importing the package __init__."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "ariadne_hf"
+
+
+def _relative_imports():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                yield path, node
+
+
+def _is_private(name: str) -> bool:
+    return name.startswith("_") and not (name.startswith("__") and name.endswith("__"))
+
+
+def test_no_private_name_is_imported_from_another_module():
+    offenders = [f"{path.relative_to(PACKAGE)}:{node.lineno} {alias.name}"
+                 for path, node in _relative_imports() for alias in node.names if _is_private(alias.name)]
+    assert not offenders, offenders
+
+
+def test_no_submodule_imports_names_from_a_package_init():
+    """`from . import x` may only name submodules; anything else would read the package __init__ (a cycle)."""
+    offenders = []
+    for path, node in _relative_imports():
+        if node.module is not None:
+            continue
+        package = path.parent
+        for _ in range(node.level - 1):
+            package = package.parent
+        for alias in node.names:
+            if not ((package / f"{alias.name}.py").is_file() or (package / alias.name / "__init__.py").is_file()):
+                offenders.append(f"{path.relative_to(PACKAGE)}:{node.lineno} {alias.name}")
+    assert not offenders, offenders
+
+
+def test_version_has_one_source():
+    import importlib.metadata
+
+    import ariadne_hf
+    from ariadne_hf._version import __version__
+
+    assert ariadne_hf.__version__ == __version__ == importlib.metadata.version("ariadne_hf")
+
+
+def _module_name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> package modules it imports (top-level and function-level imports alike)."""
+    modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph: dict[str, set[str]] = {name: set() for name in modules}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.level > 0:
+                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                target = f"{base}.{node.module}" if node.module else base
+                candidates = [f"{target}.{a.name}" for a in node.names] + [target]
+            elif isinstance(node, ast.Import):
+                candidates = [a.name for a in node.names]
+            else:
+                continue
+            for candidate in candidates:
+                if candidate in modules and candidate != name:
+                    graph[name].add(candidate)
+                    break
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph = _import_graph()
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node, stack):
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                cycles.append(stack[stack.index(nxt):] + [nxt])
+            elif nxt not in state:
+                visit(nxt, stack + [nxt])
+        state[node] = 2
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
