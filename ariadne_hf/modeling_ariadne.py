@@ -21,10 +21,11 @@ from .kernels import dense_to_topk
 from .lora import LoraBank, SequencePlan, TokenRoutingPlan, WeightsPlan, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .lora.token_routing import SlotResolver
-from .routing.calibration import auto_threshold, calibrate_for_build, routable_token_ids
-from .routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables, kmeans
-from .routing.embedding import embed_prompts, load_prompts
-from .routing.inputs import new_tokens_mask, special_token_weights, validate_token_ids
+from .routing.build import build_router, centroids_in_space
+from .routing.calibration import auto_threshold, routable_token_ids
+from .routing.centroids import DEFAULT_NUM_CENTROIDS
+from .routing.embedding import load_prompts
+from .routing.inputs import new_tokens_mask, validate_token_ids
 from .routing.ood import token_counts
 from .routing.router import (
     AriadneRouter,
@@ -33,14 +34,10 @@ from .routing.router import (
     embedding_fingerprint,
     strip_template,
 )
-from .routing.whitening import apply_transform
 
 logger = logging.getLogger(__name__)
 
 _UNSET: Any = object()
-OOD_AUTO_MAX_ADAPTERS = 256
-"""from_adapters computes the out-of-distribution tables ([A, V] token counts: 0.4 MB per adapter for a 49k
-vocabulary) by default up to this many adapters; pass ood=True for more."""
 
 
 class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
@@ -129,7 +126,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"` applies it
         by default (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
         The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None` computes them for at most
-        `OOD_AUTO_MAX_ADAPTERS` adapters (or when `reject="auto"`), `ood=True` always, `ood=False` never (then
+        `routing.build.OOD_AUTO_MAX_ADAPTERS` (256) adapters (or when `reject="auto"`), `ood=True` always, `ood=False` never (then
         routing reads only the centroid table, as a bundle of thousands of adapters should).
         """
         adapter_order = list(adapters)
@@ -177,13 +174,12 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             max_prompt_tokens=max_length,
             **config_kwargs,
         )
-        token_weights = special_token_weights(tokenizer, embed_weight.shape[0]) if ignore_special_tokens else None
         config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
-        embed = dict(tokenizer=tokenizer, embed_weight=embed_weight, token_weights=token_weights,
-                     max_length=max_length, batch_size=batch_size, progress=progress)
-        pooled = {n: embed_prompts(prompt_lists[n], desc=f"embedding {n}", **embed) for n in adapter_order}
-        tables = build_router_tables([pooled[n] for n in adapter_order], num_centroids=num_centroids,
-                                     distance=distance, center=center, whitening=whitening, seed=seed)
+        built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
+                             center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
+                             reject=reject, reject_rate=reject_rate, ood=ood, seed=seed, max_length=max_length,
+                             batch_size=batch_size, progress=progress)
+        tables = built.tables
         config.whitening_info = tables.whitening_info
         for layout, count in zip(layouts, tables.centroid_counts, strict=True):
             config.adapters[layout.name] = adapter_summary(layout.config, layout.source, len(prompt_lists[layout.name]),
@@ -191,18 +187,9 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
             layout.sha256 = config.adapters[layout.name]["sha256"]
         lora.add(layouts)
         model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
-        model.router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights,
-                                tables.transform)
-        if ood is False and reject == "auto":
-            raise ValueError("reject='auto' needs the out-of-distribution score: drop ood=False.")
-        want_ood = ood if ood is not None else (reject == "auto" or len(adapter_order) <= OOD_AUTO_MAX_ADAPTERS)
-        calibration = None if not want_ood else calibrate_for_build(
-            prompt_lists, pooled, tokenizer, token_weights, int(embed_weight.shape[0]), max_length=max_length,
-            build_kwargs=dict(num_centroids=num_centroids, distance=distance, center=center, whitening=whitening),
-            reject_rate=reject_rate, seed=seed, required=reject == "auto")
-        if calibration is not None:
-            model.router.set_ood(calibration.token_counts, calibration.stats)
-            config.ood_threshold, config.ood_calibration = calibration.threshold, calibration.info
+        model.router = built.router
+        if built.calibration is not None:
+            config.ood_threshold, config.ood_calibration = built.calibration.threshold, built.calibration.info
         model.router.to(embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
@@ -232,15 +219,10 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         prompt_list = load_prompts(prompts, text_field=text_field, name=name)
         layout = self.lora.inspect(name, resolve_adapter_dir(adapter, name))  # validated; nothing changed yet
         embed_weight = self.get_input_embeddings().weight.detach()
-        points = embed_prompts(
-            prompt_list, self.tokenizer, embed_weight, token_weights=self.router.optional_token_weights(),
-            max_length=self.config.max_prompt_tokens, batch_size=batch_size, desc=f"embedding {name}",
-            progress=progress,
-        )
-        transform = self.router.optional_transform()
-        points = apply_transform(points, self.router.optional_center(), None if transform is None else transform.cpu())
-        k = num_centroids or self.config.num_centroids
-        centroids = kmeans(points, k, distance=self.config.distance, seed=seed)
+        centroids = centroids_in_space(
+            self.router, prompt_list, self.tokenizer, embed_weight, num_centroids=num_centroids or
+            self.config.num_centroids, distance=self.config.distance, seed=seed, max_length=self.config.max_prompt_tokens,
+            batch_size=batch_size, desc=f"embedding {name}", progress=progress)
         summary = adapter_summary(layout.config, layout.source, len(prompt_list), centroids.shape[0])
         layout.sha256 = summary["sha256"]
         counts = None

@@ -216,28 +216,16 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
     """
     import torch
 
-    from ..routing.calibration import calibrate_for_build, ood_summary
-    from ..routing.centroids import DEFAULT_NUM_CENTROIDS, build_router_tables
-    from ..routing.embedding import embed_prompts
-    from ..routing.inputs import special_token_weights
-    from ..routing.router import AriadneRouter
+    from ..routing.build import build_router
+    from ..routing.calibration import ood_summary
+    from ..routing.centroids import DEFAULT_NUM_CENTROIDS
 
     names = list(train)
-    weights = special_token_weights(tokenizer, embed_weight.shape[0])  # [V]
-    pooled = {n: embed_prompts(train[n], tokenizer, embed_weight, token_weights=weights, max_length=max_length,
-                               batch_size=batch_size, desc=f"embedding {n}", progress=progress) for n in names}
     build_kwargs.setdefault("num_centroids", DEFAULT_NUM_CENTROIDS)
-    seed = build_kwargs.pop("seed", 0)
-    tables = build_router_tables([pooled[n] for n in names], seed=seed, **build_kwargs)
-    router = AriadneRouter(names, embed_weight.shape[1], distance=build_kwargs.get("distance", "cosine"))
-    router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, weights, tables.transform)
-    options = {"num_centroids": build_kwargs["num_centroids"], "distance": build_kwargs.get("distance", "cosine"),
-               "center": build_kwargs.get("center", True), "whitening": build_kwargs.get("whitening", "within")}
-    calibration = calibrate_for_build(train, pooled, tokenizer, weights, int(embed_weight.shape[0]),
-                                      max_length=max_length, build_kwargs=options, reject_rate=reject_rate,
-                                      seed=seed, required=reject == "auto")
-    if calibration is not None:
-        router.set_ood(calibration.token_counts, calibration.stats)
+    built = build_router({n: list(train[n]) for n in names}, tokenizer, embed_weight, reject=reject,
+                         reject_rate=reject_rate, max_length=max_length, batch_size=batch_size, progress=progress,
+                         **build_kwargs)
+    router, calibration = built.router, built.calibration
     threshold = calibration.threshold if calibration is not None and reject == "auto" else None
 
     def route(texts: list[str]) -> tuple[list[str], torch.Tensor]:
