@@ -9,12 +9,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-from peft import PeftModel
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers import AutoTokenizer, GenerationMixin, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .bundle import local_io as bundle_io
-from .bundle.adapters import AdapterError, adapter_summary, resolve_adapter_dir
+from .bundle.adapters import adapter_summary, resolve_adapter_dir
 from .configuration_ariadne import AriadneConfig, validate_adapter_name, validate_routing_options
 from .constants import BASE_ADAPTER
 from .kernels import dense_to_topk
@@ -25,7 +24,7 @@ from .routing.build import build_router, centroids_in_space
 from .routing.calibration import auto_threshold, routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
-from .routing.inputs import new_tokens_mask, validate_token_ids
+from .routing.inputs import new_tokens_mask, validate_adapter_weights, validate_token_ids
 from .routing.ood import token_counts
 from .routing.router import (
     AriadneRouter,
@@ -147,7 +146,7 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         hub_kwargs = {"token": token} if token else {}
         adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **hub_kwargs) for n in adapter_order}
 
-        backbone, backbone_id, backbone_revision = _load_backbone_for_build(
+        backbone, backbone_id, backbone_revision = bundle_io.load_backbone_for_build(
             base_model, revision=revision, dtype=dtype, device_map=device_map, token=token
         )
         lora = LoraBank(backbone, max_resident=config_kwargs.get("max_resident_adapters"))
@@ -552,43 +551,6 @@ class AriadneRoutedModel(PreTrainedModel, GenerationMixin):
         for name, accuracy in report["accuracy"].items():
             self.config.adapters[name]["heldout_accuracy"] = accuracy
         return report
-
-
-def _load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
-    """Return (backbone, id or path to record, pinned revision)."""
-    if isinstance(base_model, PreTrainedModel):
-        name = getattr(base_model.config, "_name_or_path", "") or getattr(base_model, "name_or_path", "")
-        backbone_id, pinned = bundle_io.pin_backbone(name, revision, token=token) if name else (None, None)
-        return base_model, backbone_id, pinned
-    if isinstance(base_model, PeftModel):
-        raise AdapterError("Pass the plain backbone (not a PeftModel); adapters go in adapters={...}.")
-    backbone_id, pinned = bundle_io.pin_backbone(os.fspath(base_model), revision, token=token)
-    load_kwargs = {"revision": pinned, "dtype": dtype, "device_map": device_map, "use_safetensors": True}
-    if token:
-        load_kwargs["token"] = token
-    backbone = AutoModelForCausalLM.from_pretrained(backbone_id, **load_kwargs)
-    return backbone, backbone_id, pinned
-
-
-def validate_adapter_weights(weights, batch_size: int, num_adapters: int) -> torch.Tensor:
-    """Check a caller's mixture [B, A]: float, finite, >= 0, rows summing to 1 (or all zero = plain backbone)."""
-    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-        raise ValueError("adapter_weights must be a float tensor [B, A] (one row of adapter weights per prompt).")
-    if weights.shape != (batch_size, num_adapters):
-        raise ValueError(
-            f"adapter_weights has shape {tuple(weights.shape)}, expected [B={batch_size}, A={num_adapters}] "
-            "(columns in model.adapter_names order)."
-        )
-    weights = weights.detach().to(torch.float32).cpu()
-    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
-        raise ValueError("adapter_weights must be finite and non-negative.")
-    sums = weights.sum(dim=-1)
-    bad = ~(((sums - 1).abs() <= 1e-4) | (sums == 0))
-    if bool(bad.any()):
-        row = int(bad.nonzero()[0, 0])
-        raise ValueError(f"adapter_weights row {row} sums to {float(sums[row]):.4f}; each row must sum to 1 "
-                         "(or be all zero for the plain backbone).")
-    return weights
 
 
 def _refuse_removed_options(kwargs: dict) -> None:

@@ -343,3 +343,25 @@ def resolve_bundle_directory(name_or_path: str, hub_kwargs: dict) -> str:
     except ImportError as err:
         raise BundleError(f"{name_or_path!r} is not a local bundle folder.") from err
     return resolve_bundle(name_or_path, **hub_kwargs)
+
+
+def load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
+    """The backbone `from_adapters` builds on: (model, Hub id or absolute path to record, pinned revision).
+
+    `base_model` is a PreTrainedModel (used as is), a Hub id or a local folder (loaded, safetensors only); a PeftModel
+    is refused (adapters are passed separately)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, PreTrainedModel
+
+    if isinstance(base_model, PreTrainedModel):
+        name = getattr(base_model.config, "_name_or_path", "") or getattr(base_model, "name_or_path", "")
+        backbone_id, pinned = pin_backbone(name, revision, token=token) if name else (None, None)
+        return base_model, backbone_id, pinned
+    if isinstance(base_model, PeftModel):
+        raise AdapterError("Pass the plain backbone (not a PeftModel); adapters go in adapters={...}.")
+    backbone_id, pinned = pin_backbone(os.fspath(base_model), revision, token=token)
+    load_kwargs = {"revision": pinned, "dtype": dtype, "device_map": device_map, "use_safetensors": True}
+    if token:
+        load_kwargs["token"] = token
+    backbone = AutoModelForCausalLM.from_pretrained(backbone_id, **load_kwargs)
+    return backbone, backbone_id, pinned

@@ -45,3 +45,24 @@ def validate_token_ids(input_ids, attention_mask, vocab_size: int | None) -> tup
                 "by another tokenizer. Tokenize with this bundle's tokenizer (model.tokenizer)."
             )
     return input_ids, attention_mask
+
+
+def validate_adapter_weights(weights, batch_size: int, num_adapters: int) -> torch.Tensor:
+    """Check a caller's mixture [B, A]: float, finite, >= 0, rows summing to 1 (or all zero = plain backbone)."""
+    if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+        raise ValueError("adapter_weights must be a float tensor [B, A] (one row of adapter weights per prompt).")
+    if weights.shape != (batch_size, num_adapters):
+        raise ValueError(
+            f"adapter_weights has shape {tuple(weights.shape)}, expected [B={batch_size}, A={num_adapters}] "
+            "(columns in model.adapter_names order)."
+        )
+    weights = weights.detach().to(torch.float32).cpu()
+    if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()):
+        raise ValueError("adapter_weights must be finite and non-negative.")
+    sums = weights.sum(dim=-1)
+    bad = ~(((sums - 1).abs() <= 1e-4) | (sums == 0))
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"adapter_weights row {row} sums to {float(sums[row]):.4f}; each row must sum to 1 "
+                         "(or be all zero for the plain backbone).")
+    return weights
