@@ -53,3 +53,20 @@ def mixed_batch(tiny_assets, tiny_model):
     tokenizer.padding_side = "left"
     batch = tokenizer(prompts, return_tensors="pt", padding=True)
     return prompts, labels, batch
+
+
+@pytest.fixture(scope="session")
+def serving_bundle_dir(tiny_assets, tmp_path_factory):
+    """A saved tiny bundle whose tokenizer has a chat template (read-only: shared by every serving test)."""
+    from serving_bundle import build_serving_bundle
+
+    return build_serving_bundle(tiny_assets, str(tmp_path_factory.mktemp("serving") / "bundle"))
+
+
+@pytest.fixture(scope="session")
+def serving_model(serving_bundle_dir):
+    """The serving bundle loaded through the Auto classes (shared: tests must not mutate it)."""
+    from serving_bundle import load_bundle
+
+    return load_bundle(serving_bundle_dir)
+

@@ -12,23 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from serving_bundle import build_serving_bundle, load_bundle, reference_completion
+from serving_bundle import load_bundle, reference_completion
 
 from ariadne_hf.serving.app import LocalBackend, create_app
 from ariadne_hf.serving.runner import ServerThread
 
 PROMPTS = ["add plus seven three sum", "poem rhyme moon love", "python function return loop", "the a of and",
            "compute total digits eight", "sonnet heart night rose", "class import list bug", "please write me about"]
-
-
-@pytest.fixture(scope="session")
-def serving_bundle_dir(tiny_assets, tmp_path_factory):
-    return build_serving_bundle(tiny_assets, str(tmp_path_factory.mktemp("serving") / "bundle"))
-
-
-@pytest.fixture(scope="session")
-def serving_model(serving_bundle_dir):
-    return load_bundle(serving_bundle_dir)
 
 
 @pytest.fixture(scope="module")

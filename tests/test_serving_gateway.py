@@ -11,7 +11,6 @@ import httpx
 import openai
 import pytest
 import torch
-from serving_bundle import build_serving_bundle, load_bundle
 
 from ariadne_hf.bundle.local_io import BundleError
 from ariadne_hf.serving.app import LocalBackend, create_app
@@ -23,24 +22,14 @@ PROMPTS = ["add plus seven three sum", "poem rhyme moon love", "python function 
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_assets, tmp_path_factory):
-    return build_serving_bundle(tiny_assets, str(tmp_path_factory.mktemp("gateway") / "bundle"))
-
-
-@pytest.fixture(scope="module")
-def full_model(bundle_dir):
-    return load_bundle(bundle_dir)
-
-
-@pytest.fixture(scope="module")
-def upstream(full_model):
-    with ServerThread(create_app(LocalBackend(full_model, max_batch_size=8, max_wait_ms=20))) as running:
+def upstream(serving_model):
+    with ServerThread(create_app(LocalBackend(serving_model, max_batch_size=8, max_wait_ms=20))) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def gateway(bundle_dir, upstream):
-    with ServerThread(build_gateway_app(bundle_dir, upstream.base_url, upstream_model="{adapter}")) as running:
+def gateway(serving_bundle_dir, upstream):
+    with ServerThread(build_gateway_app(serving_bundle_dir, upstream.base_url, upstream_model="{adapter}")) as running:
         yield running
 
 
@@ -48,10 +37,10 @@ def api(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
-def test_router_only_routes_equal_the_full_model(bundle_dir, full_model):
-    router = load_routing_only(bundle_dir)
+def test_router_only_routes_equal_the_full_model(serving_bundle_dir, serving_model):
+    router = load_routing_only(serving_bundle_dir)
     assert not hasattr(router, "peft_model") and router.embed_weight.shape == (200, 64)
-    expected, got = full_model.route(PROMPTS), router.route(PROMPTS)
+    expected, got = serving_model.route(PROMPTS), router.route(PROMPTS)
     assert got.adapter_names == expected.adapter_names
     assert torch.equal(got.scores, expected.scores) and torch.equal(got.margins, expected.margins)
 
@@ -71,20 +60,20 @@ def test_embedding_key_for_other_architectures_and_shards(tmp_path):
     assert torch.equal(read_input_embeddings(str(tmp_path / "gpt2"), None), gpt2.get_input_embeddings().weight)
 
 
-def test_router_only_refuses_the_wrong_backbone(bundle_dir, tmp_path):
+def test_router_only_refuses_the_wrong_backbone(serving_bundle_dir, tmp_path):
     from tiny_models import save_backbone
 
     other = save_backbone(str(tmp_path / "other"), seed=5)
-    config = json.loads((open(f"{bundle_dir}/config.json")).read())
-    shutil.copytree(bundle_dir, tmp_path / "moved")
+    config = json.loads((open(f"{serving_bundle_dir}/config.json")).read())
+    shutil.copytree(serving_bundle_dir, tmp_path / "moved")
     config["backbone_name_or_path"] = other
     (tmp_path / "moved" / "config.json").write_text(json.dumps(config))
     with pytest.raises(BundleError, match="differs from the one the centroids were computed in"):
         load_routing_only(str(tmp_path / "moved"))
 
 
-def test_gateway_answers_equal_the_upstream_with_the_routed_adapter(gateway, upstream, full_model):
-    routes = full_model.route(PROMPTS).adapter_names
+def test_gateway_answers_equal_the_upstream_with_the_routed_adapter(gateway, upstream, serving_model):
+    routes = serving_model.route(PROMPTS).adapter_names
     for prompt, adapter in zip(PROMPTS, routes, strict=True):
         raw = api(gateway).completions.with_raw_response.create(model="auto", prompt=prompt, max_tokens=6)
         via_gateway = raw.parse()
@@ -106,9 +95,9 @@ def test_gateway_chat_stream_passthrough(gateway, upstream):
     assert {c.model for c in chunks} == {"code"} and text == direct.choices[0].message.content
 
 
-def test_gateway_fans_out_prompts_of_different_adapters(gateway, upstream, full_model):
+def test_gateway_fans_out_prompts_of_different_adapters(gateway, upstream, serving_model):
     answer = api(gateway).completions.create(model="auto", prompt=PROMPTS, max_tokens=3, n=2)
-    routes = full_model.route(PROMPTS).adapter_names
+    routes = serving_model.route(PROMPTS).adapter_names
     assert [c.index for c in answer.choices] == list(range(8))
     for choice in answer.choices:
         prompt, adapter = PROMPTS[choice.index // 2], routes[choice.index // 2]
@@ -119,27 +108,27 @@ def test_gateway_fans_out_prompts_of_different_adapters(gateway, upstream, full_
         api(gateway).completions.create(model="auto", prompt=PROMPTS, max_tokens=3, stream=True)
 
 
-def test_gateway_errors(gateway, bundle_dir):
+def test_gateway_errors(gateway, serving_bundle_dir):
     with pytest.raises(openai.NotFoundError):
         api(gateway).completions.create(model="nope", prompt="add", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):  # the upstream's 400, passed through
         api(gateway).completions.create(model="auto", prompt="add " * 300, max_tokens=2)
     bad = httpx.post(gateway.base_url + "/completions", content=b"{", headers={"content-type": "application/json"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
-    with ServerThread(build_gateway_app(bundle_dir, "http://127.0.0.1:9/v1")) as orphan:  # nothing listens on :9
+    with ServerThread(build_gateway_app(serving_bundle_dir, "http://127.0.0.1:9/v1")) as orphan:  # nothing listens on :9
         with pytest.raises(openai.APIStatusError) as err:
             api(orphan).completions.create(model="auto", prompt="add", max_tokens=2)
         assert err.value.status_code == 502
 
 
-def test_gateway_template_is_applied(bundle_dir, upstream):
+def test_gateway_template_is_applied(serving_bundle_dir, upstream):
     """An SGLang-style template: the upstream (our server) must then answer to 'tiny:{adapter}' names; it does
     not, so the upstream's 404 comes back naming the templated model: proof of what was sent."""
-    with ServerThread(build_gateway_app(bundle_dir, upstream.base_url, upstream_model="tiny:{adapter}")) as gw:
+    with ServerThread(build_gateway_app(serving_bundle_dir, upstream.base_url, upstream_model="tiny:{adapter}")) as gw:
         with pytest.raises(openai.NotFoundError, match="tiny:poetry"):
             api(gw).completions.create(model="auto", prompt="poem rhyme moon", max_tokens=2)
     with pytest.raises(ValueError, match="must contain"):
-        build_gateway_app(bundle_dir, upstream.base_url, upstream_model="no-placeholder")
+        build_gateway_app(serving_bundle_dir, upstream.base_url, upstream_model="no-placeholder")
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")

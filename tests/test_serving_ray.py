@@ -10,7 +10,7 @@ import subprocess
 import httpx
 import openai
 import pytest
-from serving_bundle import build_serving_bundle, load_bundle, reference_completion
+from serving_bundle import load_bundle, reference_completion
 
 pytest.importorskip("ray.serve")
 
@@ -20,18 +20,13 @@ PROMPTS = ["add plus seven three sum", "poem rhyme moon love", "python function 
 
 
 @pytest.fixture(scope="module")
-def bundle_dir(tiny_assets, tmp_path_factory):
-    return build_serving_bundle(tiny_assets, str(tmp_path_factory.mktemp("ray") / "bundle"))
-
-
-@pytest.fixture(scope="module")
-def ray_server(bundle_dir):
+def ray_server(serving_bundle_dir):
     import ray
     from ray import serve
 
     from ariadne_hf.serving.ray_app import free_port, start_ray
 
-    url = start_ray(bundle_dir, port=free_port(), num_cpus=2, replicas=2, adapters_per_replica=2, max_wait_ms=20)
+    url = start_ray(serving_bundle_dir, port=free_port(), num_cpus=2, replicas=2, adapters_per_replica=2, max_wait_ms=20)
     try:
         yield url
     finally:
@@ -43,8 +38,8 @@ def api(url) -> openai.OpenAI:
     return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
-def test_ray_answers_equal_single_server_and_replica_holds_adapter(ray_server, bundle_dir):
-    model = load_bundle(bundle_dir)
+def test_ray_answers_equal_single_server_and_replica_holds_adapter(ray_server, serving_bundle_dir):
+    model = load_bundle(serving_bundle_dir)
     routes = model.route(PROMPTS).adapter_names
     replicas = set()
     for prompt, adapter in zip(PROMPTS * 2, routes * 2, strict=True):

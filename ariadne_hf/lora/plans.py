@@ -66,8 +66,8 @@ class SequencePlan:
         self.factory, self.adapters, self.device = factory, list(adapters), device
         self.release = release
         self._gates: dict[tuple[int, int], LoraGate] = {}
-        self.gate: LoraGate = factory.single(self.adapters[0]) if len(set(self.adapters)) == 1 else BASE_GATE
-        self._uniform = len(set(self.adapters)) == 1
+        self._uniform = len(set(self.adapters)) == 1  # one gate for every forward: set here, never rebuilt
+        self.gate: LoraGate = factory.single(self.adapters[0]) if self._uniform else BASE_GATE
 
     def begin_forward(self, input_ids, rows: int, tokens: int) -> None:
         if self._uniform:
