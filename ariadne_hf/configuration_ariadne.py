@@ -137,6 +137,15 @@ def validate_adapter_name(name: str) -> None:
         )
 
 
+def check_adapter_names(config: Any, names: list[str]) -> None:
+    """Raise a ValueError naming the first of `names` that is neither an adapter of `config` nor "__base__"."""
+    known = set(config.adapter_names) | {BASE_ADAPTER}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"Unknown adapter name {unknown[0]!r}; this model has {list(config.adapter_names)} "
+                         f"(and {BASE_ADAPTER!r} for the plain backbone).")
+
+
 def validate_routing_options(config: Any) -> None:
     """Raise a clear error for any routing option out of its range (shared by config and per-call overrides)."""
     if config.distance not in DISTANCES:

@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
 from ariadne_hf.bundle.adapters import AdapterError
+from ariadne_hf.call_planning import sequence_plan
 from ariadne_hf.lora import RoutedLoraLinear, use_plan
 from ariadne_hf.lora.gate import BASE, MIXTURE, SINGLE
 
@@ -61,7 +62,7 @@ def test_memory_is_the_adapters_bytes_for_same_shaped_adapters(tiny_assets, tmp_
 
 def test_gate_is_single_for_one_adapter_and_mixture_for_several(tiny_model):
     def gate_of(adapters, rows):
-        plan = tiny_model._sequence_plan(adapters)
+        plan = sequence_plan(tiny_model, adapters)
         plan.begin_forward(None, rows, 3)
         return plan.gate
 
@@ -74,7 +75,7 @@ def test_gate_is_single_for_one_adapter_and_mixture_for_several(tiny_model):
 
 @pytest.mark.parametrize("adapters", [[1, 1], [0, 2], [0, -1]])
 def test_layers_only_read_the_gate_without_host_syncs(tiny_model, monkeypatch, adapters):
-    plan = tiny_model._sequence_plan(adapters)
+    plan = sequence_plan(tiny_model, adapters)
     plan.begin_forward(None, 2, 1)
     layer = next(m for m in tiny_model.modules() if isinstance(m, RoutedLoraLinear))
     x = torch.randn(2, 1, layer.in_features)

@@ -1,4 +1,4 @@
-"""Routing inputs: token-id and mask checks, the mask of a cached forward's new tokens, special-token weights."""
+"""Routing inputs: prompt tokenization, token-id and mask checks, the mask of a cached forward's new tokens, special-token weights."""
 
 from __future__ import annotations
 
@@ -66,3 +66,15 @@ def validate_adapter_weights(weights, batch_size: int, num_adapters: int) -> tor
         raise ValueError(f"adapter_weights row {row} sums to {float(sums[row]):.4f}; each row must sum to 1 "
                          "(or be all zero for the plain backbone).")
     return weights
+
+
+def tokenize_prompts(tokenizer, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [B, T] and mask [B, T] of one prompt or a non-empty list of prompts (padded to the longest)."""
+    if tokenizer is None:
+        raise ValueError("This model has no tokenizer: pass input_ids= and attention_mask= instead of strings.")
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts or not all(isinstance(p, str) for p in prompts):
+        raise ValueError("route(): prompts must be a non-empty list of strings.")
+    batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
+    return batch["input_ids"], batch["attention_mask"]
