@@ -14,6 +14,13 @@ GENERATION_STRATEGIES = ("batched", "grouped")
 KERNEL_BACKENDS = (None, "torch", "triton")
 REJECT_MODES = (None, "auto")
 WHITENINGS = ("within", "none")
+# Fields a loader may override (run-time choices); every other field describes the bundle's content.
+RUN_TIME_FIELDS = ("routing", "reroute_every", "routing_top_k", "routing_temperature", "generation_strategy",
+                   "kernel_backend", "reject_threshold", "reject", "max_resident_adapters")
+# PreTrainedConfig bookkeeping that differs between two loads of one config.json.
+_LOAD_BOOKKEEPING = ("_name_or_path", "_commit_hash", "transformers_version", "dtype", "torch_dtype",
+                     "_attn_implementation_autoset", "_attn_implementation_internal", "_experts_implementation_internal",
+                     "architectures", "auto_map")
 
 
 class AriadneConfig(PreTrainedConfig):
@@ -135,6 +142,37 @@ def validate_adapter_name(name: str) -> None:
             f"Invalid adapter name {name!r}: it names a folder under adapters/ and a PEFT adapter, so it may not "
             "contain '/', '\\' or '.'. Use e.g. letters, digits, '-' and '_'."
         )
+
+
+def load_overrides(bundle_config: AriadneConfig, passed_config: Any, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The run-time fields a `from_pretrained` call overrides: those of `passed_config` and `explicit` (keywords).
+
+    `passed_config` is what transformers' Auto classes always pass: the bundle's own config.json, with any keyword
+    argument naming a config attribute already set on it (so ``AutoModelForCausalLM.from_pretrained(b, routing=
+    "token")`` arrives as a config). A run-time field (`RUN_TIME_FIELDS`) that differs from the bundle's is an
+    override; `explicit` (run-time keyword arguments) wins over `passed_config`. Any other difference raises ValueError naming the
+    field, because it describes what the bundle holds (adapters, centroids, backbone) and cannot be changed by
+    loading: rebuild with `from_adapters` instead. Nothing is dropped silently.
+    """
+    unknown = [key for key in explicit if key not in RUN_TIME_FIELDS]
+    if unknown:
+        raise TypeError(f"{unknown} are not run-time config fields; those are {list(RUN_TIME_FIELDS)}.")
+    if passed_config is None:
+        return dict(explicit)
+    if not isinstance(passed_config, AriadneConfig):
+        raise TypeError(f"from_pretrained(config=...) must be an AriadneConfig (or omitted), got "
+                        f"{type(passed_config).__name__}: a bundle's config.json describes its adapters and router.")
+    ours, theirs = bundle_config.to_dict(), passed_config.to_dict()
+    changed = sorted(k for k in set(ours) | set(theirs) if k not in _LOAD_BOOKKEEPING and ours.get(k) != theirs.get(k))
+    fixed = [k for k in changed if k not in RUN_TIME_FIELDS]
+    if fixed:
+        raise ValueError(
+            f"from_pretrained: config field(s) {fixed} differ from the bundle's ({', '.join(f'{k}={ours.get(k)!r}' for k in fixed)}). "
+            f"Only run-time options may be overridden when loading: {list(RUN_TIME_FIELDS)}. Backbone options "
+            "(e.g. output_hidden_states) go to forward()/generate(); to change the adapters or the router, rebuild "
+            "with AriadneRoutedModel.from_adapters."
+        )
+    return {**{k: theirs[k] for k in changed}, **explicit}
 
 
 def check_adapter_names(config: Any, names: list[str]) -> None:

@@ -65,13 +65,17 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
     # ---- loading and saving ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Load a bundle (local folder or Hub repo id) and its backbone; see `bundle.load_bundle`.
+        """Load a bundle (local folder or Hub repo id) and its backbone; see `bundle.local_io.load_bundle`.
 
         Accepts the usual `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`
         (or `torch_dtype`), `device_map` and `attn_implementation`; the last three reach the backbone.
-        `max_resident_adapters=N` keeps only N adapters' weights in the layers (the rest load on demand).
+        Run-time config fields override the bundle's for this model (`configuration_ariadne.RUN_TIME_FIELDS`:
+        e.g. `routing="token"`, `max_resident_adapters=N`), given as keywords or through `config=` (as the Auto
+        classes pass them); a `config=` that changes any other field, and any unknown argument, is an error.
         """
-        return bundle_io.load_bundle(cls, pretrained_model_name_or_path, **kwargs)
+        if model_args:
+            raise TypeError(f"AriadneRoutedModel.from_pretrained takes no positional model arguments, got {model_args}.")
+        return bundle_io.load_bundle(cls, pretrained_model_name_or_path, config=config, **kwargs)
 
     def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
                         is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> None:

@@ -49,9 +49,7 @@ def mixed_batch(tiny_assets, tiny_model):
     for name, items in tiny_assets["test"].items():
         prompts += items[:2]
         labels += [name, name]
-    tokenizer = tiny_model.tokenizer
-    tokenizer.padding_side = "left"
-    batch = tokenizer(prompts, return_tensors="pt", padding=True)
+    batch = tiny_model.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")  # shared: not mutated
     return prompts, labels, batch
 
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..configuration_ariadne import AriadneConfig, validate_routing_options
+from ..configuration_ariadne import RUN_TIME_FIELDS, AriadneConfig, load_overrides, validate_routing_options
 from ..constants import (
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
@@ -37,7 +37,6 @@ from ..lora import LoraBank
 from .adapters import AdapterError, check_adapter_dir, file_sha256
 
 logger = logging.getLogger(__name__)
-_KEEP = object()
 
 
 class BundleError(ValueError):
@@ -277,23 +276,28 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     Every bundle file is validated before the backbone is loaded, so a broken bundle fails fast and no
     half-built model is returned.
     """
-    resident_override = kwargs.pop("max_resident_adapters", _KEEP)
     hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
     hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
     dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
     kwargs.pop("torch_dtype", None)
     backbone_kwargs = {k: kwargs.pop(k) for k in ("device_map", "attn_implementation", "low_cpu_mem_usage",
                                                   "max_memory", "offload_folder") if k in kwargs}
+    passed_config = kwargs.pop("config", None)
+    attn = getattr(passed_config, "_attn_implementation_internal", None)  # the Auto classes put attn_implementation=
+    if attn is not None:  # on the config they pass: it belongs to the backbone
+        backbone_kwargs.setdefault("attn_implementation", attn)
     for ignored in ("_from_auto", "_from_pipeline", "adapter_kwargs", "trust_remote_code", "use_safetensors",
-                    "config", "subfolder", "proxies", "code_revision"):
+                    "subfolder", "proxies", "code_revision"):
         kwargs.pop(ignored, None)
+    run_time = {key: kwargs.pop(key) for key in RUN_TIME_FIELDS if key in kwargs}
     if kwargs:
-        raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}.")
+        raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}; it accepts "
+                        f"hub/backbone loading options and the run-time config fields {list(RUN_TIME_FIELDS)}.")
     directory = resolve_bundle_directory(os.fspath(name_or_path), hub_kwargs)
     config, router = read_bundle(directory)
-    if resident_override is not _KEEP:
-        config.max_resident_adapters = resident_override
-        validate_routing_options(config)
+    for key, value in load_overrides(config, passed_config, run_time).items():
+        setattr(config, key, value)
+    validate_routing_options(config)
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
