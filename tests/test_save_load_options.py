@@ -1,4 +1,4 @@
-"""Options given when loading a bundle: run-time config fields are applied, content fields refused, nothing dropped."""
+"""Options given when saving or loading a bundle: run-time config fields applied, content fields refused, nothing dropped."""
 
 from __future__ import annotations
 
@@ -78,3 +78,11 @@ def test_attn_implementation_through_the_auto_class_reaches_the_backbone(serving
     assert model.backbone.config._attn_implementation == "eager"
     input_ids, attention_mask = _prompt(model)
     assert torch.isfinite(model(input_ids=input_ids, attention_mask=attention_mask).logits).all()
+
+
+def test_unknown_save_argument_is_an_error_naming_it_and_writes_nothing(tiny_model, tmp_path):
+    with pytest.raises(TypeError, match="max_shard_size"):
+        tiny_model.save_pretrained(tmp_path / "bundle", max_shard_size="1GB")
+    with pytest.raises(ValueError, match="safetensors only"):
+        tiny_model.save_pretrained(tmp_path / "bundle", safe_serialization=False)
+    assert not (tmp_path / "bundle").exists()
