@@ -23,12 +23,12 @@ def demo_model(bundle: str | None):
     from ariadne_hf import AriadneRoutedModel
     from ariadne_hf.data import demo_adapters_dir
     from ariadne_hf.default_backbone import default_backbone_path
-    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.demo import demo_rows_by_task, demo_tasks
 
     if bundle and os.path.isdir(bundle):
         return AriadneRoutedModel.from_pretrained(bundle)
     tasks = demo_tasks()
-    train = _rows_by_task("train", tasks)
+    train = demo_rows_by_task("train", tasks)
     model = AriadneRoutedModel.from_adapters(default_backbone_path(), {t: str(demo_adapters_dir() / t) for t in tasks},
                                              {t: [r["text"] for r in train[t]] for t in tasks}, progress=False)
     if bundle:
@@ -42,13 +42,13 @@ def main() -> None:
     parser.add_argument("--save-bundle", default=None, help="load/save the demo bundle here")
     parser.add_argument("--data-out", default=None, help="also write the demo tasks' test rows as JSON lines here")
     args = parser.parse_args()
-    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.demo import demo_rows_by_task, demo_tasks
     from ariadne_hf.evaluation.task_metrics import best_choice_hits, choice_scores, choice_scores_per_row
 
     torch.set_grad_enabled(False)
     model = demo_model(args.save_bundle)
     tasks = demo_tasks()
-    test = _rows_by_task("test", tasks)
+    test = demo_rows_by_task("test", tasks)
     if args.data_out:
         with open(args.data_out, "w", encoding="utf-8") as handle:
             for t in tasks:

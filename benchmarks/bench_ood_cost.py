@@ -19,13 +19,13 @@ def main() -> None:
     args = parser.parse_args()
     from bench_multiple_choice import demo_model
 
-    from ariadne_hf.evaluation.demo import _rows_by_task, demo_tasks
+    from ariadne_hf.evaluation.demo import demo_rows_by_task, demo_tasks
     from ariadne_hf.evaluation.task_metrics import left_pad, prompt_ids
 
     torch.set_grad_enabled(False)
     model = demo_model(args.bundle)
     tok = model.tokenizer
-    rows = [r for t in demo_tasks() for r in _rows_by_task("test", [t])[t][:2]]
+    rows = [r for t in demo_tasks() for r in demo_rows_by_task("test", [t])[t][:2]]
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     counts, stats = model.router.token_counts, model.router.ood_stats
     for batch in (1, 8):

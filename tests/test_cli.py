@@ -23,7 +23,7 @@ def cli_bundle(tiny_assets, tmp_path_factory):
     return str(root / "bundle")
 
 
-def test_build_info_route_generate(cli_bundle, capsys):
+def test_build_info_route_and_generate_commands_agree_with_the_bundle(cli_bundle, capsys):
     capsys.readouterr()
     assert main(["info", cli_bundle, "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -39,7 +39,7 @@ def test_build_info_route_generate(cli_bundle, capsys):
     assert capsys.readouterr().out.startswith("[code] python function return")
 
 
-def test_cli_errors_are_clear(cli_bundle, capsys, tmp_path):
+def test_cli_errors_name_the_problem_and_exit_with_2(cli_bundle, capsys, tmp_path):
     assert main(["route", str(tmp_path), "x"]) == 2
     assert "not an ariadne bundle" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="NAME=PATH"):

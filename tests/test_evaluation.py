@@ -10,7 +10,7 @@ from ariadne_hf.evaluation import routing_report, task_scores
 from ariadne_hf.evaluation.task_metrics import choice_hits, left_pad, prompt_ids
 
 
-def test_routing_report_counts():
+def test_routing_report_counts_the_confusion_and_macro_and_micro_accuracy():
     report = routing_report(["a", "a", "b", "b"], ["a", "b", "b", "__base__"], ["a", "b"])
     assert report["confusion"] == [[1, 1, 0], [0, 1, 1]]
     assert report["accuracy"] == {"a": 0.5, "b": 0.5}
@@ -32,20 +32,28 @@ def test_choice_hits_equal_a_brute_force_log_likelihood(tiny_model):
         assert choice_hits(tiny_model, tokenizer, [{**row, "answer": answer}], ["math"]) == [answer == best]
 
 
-def test_task_scores_routed_oracle_base(tiny_model, tiny_assets):
+def test_task_scores_are_the_mean_hits_of_routed_oracle_and_base_adapters(tiny_model, tiny_assets):
     rows = [{"task": n, "text": p, "targets": ["plus"], "choices": ["plus", "moon"], "answer": 0}
             for n in ("math", "poetry") for p in tiny_assets["test"][n][:3]]
     oracle = [r["task"] for r in rows]
     routed = list(oracle)
     routed[0] = "code"
     scores = task_scores(tiny_model, rows, routed, oracle, "multiple_choice", progress=False)
+
+    def hits(names):  # the per-row reference path, scored independently of task_scores' reuse of oracle rows
+        return [float(h) for h in choice_hits(tiny_model, tiny_model.tokenizer, rows, names, fast=False)]
+
+    expected = {"routed": hits(routed), "oracle": hits(oracle), "base": hits(["__base__"] * len(rows))}
     assert scores["rows"] == 6 and set(scores["per_task"]) == {"math", "poetry"}
-    assert 0.0 <= scores["routed"] <= 1.0 and scores["recovery"] is None or scores["recovery"] >= 0
+    for column, column_hits in expected.items():
+        assert scores[column] == sum(column_hits) / 6
+        assert scores["per_task"]["math"][column] == sum(column_hits[:3]) / 3
+    assert scores["recovery"] == (scores["routed"] / scores["oracle"] if scores["oracle"] else None)
     same = task_scores(tiny_model, rows, oracle, oracle, "exact_match", progress=False)
     assert same["routed"] == same["oracle"]
 
 
-def test_left_pad_aligns_ends():
+def test_left_pad_aligns_the_prompt_ends():
     ids, mask = left_pad([[5, 6], [7]], 0)
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
 

@@ -47,7 +47,7 @@ def test_routed_batch_equals_peft_mixed_batch_and_each_prompt_alone(tiny_model, 
 
 
 @pytest.mark.parametrize("strategy", ["batched", "grouped"])
-def test_beams_and_multiple_return_sequences(tiny_model, peft_oracle, mixed_batch, strategy):
+def test_beams_and_multiple_return_sequences_equal_each_prompt_alone_in_peft(tiny_model, peft_oracle, mixed_batch, strategy):
     prompts, labels, batch = mixed_batch
     kwargs = {"max_new_tokens": 5, "do_sample": False, "num_beams": 3, "num_return_sequences": 2}
     out = tiny_model.generate(**batch, generation_strategy=strategy, **kwargs)
@@ -85,7 +85,7 @@ def test_forward_routes_and_returns_routed_logits(tiny_model, peft_oracle, mixed
     torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
 
 
-def test_explicit_adapter_names_and_routes_callback(tiny_model, peft_oracle, mixed_batch):
+def test_explicit_adapter_names_override_routing_and_reach_the_callback(tiny_model, peft_oracle, mixed_batch):
     _, labels, batch = mixed_batch
     forced = ["code", BASE_ADAPTER, "math", "poetry", "code", BASE_ADAPTER]
     seen = []

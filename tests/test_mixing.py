@@ -100,7 +100,7 @@ def test_token_routing_mixes_adapters_and_changes_outputs(tiny_model, mixed_batc
     assert not torch.equal(soft.sequences, tiny_model.generate(**batch, **GREEDY))
 
 
-def test_sampling_and_num_return_sequences_with_token_routing(tiny_model, mixed_batch):
+def test_token_routing_with_sampling_is_seeded_and_routes_every_returned_sequence(tiny_model, mixed_batch):
     _, _, batch = mixed_batch
     kwargs = dict(routing="token", reroute_every=1, max_new_tokens=5, do_sample=True, num_return_sequences=2,
                   return_dict_in_generate=True)

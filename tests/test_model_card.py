@@ -57,7 +57,7 @@ def table_rows(readme: str, header: str) -> list[list[str]]:
     return rows
 
 
-def test_card_front_matter_table_report_and_images(tmp_path):
+def test_card_has_front_matter_routing_table_report_and_images(tmp_path):
     from huggingface_hub import ModelCard
 
     centroids, owner = tables()

@@ -35,7 +35,7 @@ def stats(server) -> dict:
     return httpx.get(server.url + "/stats").json()
 
 
-def test_models_health_and_route(server, serving_model):
+def test_models_health_and_route_endpoints_answer(server, serving_model):
     ids = [m.id for m in client(server).models.list()]
     assert ids == ["auto", "base", *serving_model.adapter_names]
     assert httpx.get(server.url + "/health").json() == {"status": "ok"}
@@ -94,7 +94,7 @@ def test_chat_sync_and_stream_agree(server, serving_model):
     assert usage.completion_tokens == answer.usage.completion_tokens == len(tokens)
 
 
-def test_n_stop_seed_and_base(server):
+def test_n_stop_seed_and_base_model_behave_as_in_openai(server):
     api = client(server)
     full = api.completions.create(model="math", prompt=PROMPTS[0], max_tokens=8, temperature=0).choices[0].text
     words = full.split(" ")
@@ -149,7 +149,7 @@ def test_openai_client_errors_and_unknown_route(server):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-def test_curl(server):
+def test_curl_gets_json_and_sse_answers_from_the_routed_adapter(server):
     body = json.dumps({"model": "auto", "messages": [{"role": "user", "content": "add plus seven"}], "max_tokens": 4})
     out = subprocess.run(["curl", "-s", server.base_url + "/chat/completions", "-H", "Content-Type: application/json",
                           "-d", body], capture_output=True, text=True, timeout=60, check=True).stdout

@@ -108,7 +108,7 @@ def test_gateway_fans_out_prompts_of_different_adapters(gateway, upstream, servi
         api(gateway).completions.create(model="auto", prompt=PROMPTS, max_tokens=3, stream=True)
 
 
-def test_gateway_errors(gateway, serving_bundle_dir):
+def test_gateway_errors_are_openai_404_400_and_502(gateway, serving_bundle_dir):
     with pytest.raises(openai.NotFoundError):
         api(gateway).completions.create(model="nope", prompt="add", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="maximum context length"):  # the upstream's 400, passed through
@@ -132,7 +132,7 @@ def test_gateway_template_is_applied(serving_bundle_dir, upstream):
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl not installed")
-def test_curl_through_gateway(gateway):
+def test_curl_streams_through_the_gateway_from_the_routed_adapter(gateway):
     body = json.dumps({"model": "auto", "prompt": "poem rhyme moon", "max_tokens": 3, "stream": True})
     out = subprocess.run(["curl", "-sN", gateway.base_url + "/completions", "-H", "Content-Type: application/json",
                           "-d", body], capture_output=True, text=True, timeout=60, check=True).stdout

