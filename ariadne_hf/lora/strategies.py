@@ -1,4 +1,5 @@
-"""Routed generation strategies: one batched generate with per-row adapters, or one generate per adapter group."""
+"""The grouped generation strategy: one `generate` per routed adapter group (the batched strategy is one plain
+`generate` under the call's per-row plan, in `AriadneRoutedModel.generate`)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,10 @@ from transformers.utils import ModelOutput
 from .plans import use_plan
 
 
-def generate_batched(backbone, adapters: list[int], input_ids, attention_mask, kwargs: dict, plan_for):
-    """One `generate` over the whole batch; every LoRA layer applies each row's own adapter.
-
-    `adapters[i]` is row i's adapter index (-1 = none); `plan_for(adapters)` builds the call's `SequencePlan`."""
-    with use_plan(plan_for(adapters)):
-        return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-
-
 def generate_grouped(backbone, adapters: list[int], input_ids, attention_mask, kwargs: dict, plan_for):
     """Rows grouped by routed adapter; one `generate` per group; outputs re-assembled in input order.
+
+    `adapters[i]` is row i's adapter index (-1 = none); `plan_for(adapters)` builds one group's `SequencePlan`.
 
     Each group's adapter is selected through this call's own plan (no `set_adapter`, no shared state), so
     concurrent calls cannot race. Sequences of groups that stopped early are right-padded with the pad token,
@@ -28,7 +23,8 @@ def generate_grouped(backbone, adapters: list[int], input_ids, attention_mask, k
     for row, adapter in enumerate(adapters):
         groups.setdefault(adapter, []).append(row)
     if len(groups) == 1:
-        return generate_batched(backbone, adapters, input_ids, attention_mask, kwargs, plan_for)
+        with use_plan(plan_for(adapters)):
+            return backbone.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
     outputs, rows_per_group = [], []
     for adapter, rows in groups.items():
         index = torch.tensor(rows, device=input_ids.device)
