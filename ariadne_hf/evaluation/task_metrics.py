@@ -8,6 +8,7 @@ demo adapters were trained (examples/train_demo_adapters.py). Rows follow the ro
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 
 import torch
@@ -104,6 +105,19 @@ def choice_scores_per_row(model, tokenizer, rows: Sequence[dict], adapter_names:
     return out
 
 
+def kv_cache_argument(model) -> str:
+    """The forward keyword of a KV cache: transformers >= 5.24 names it `cache` (`past_key_values` is deprecated and
+    removed in 5.40), earlier 5.x `past_key_values`."""
+    backbone = getattr(model, "backbone", model)
+    return "cache" if "cache" in inspect.signature(backbone.forward).parameters else "past_key_values"
+
+
+def kv_cache_of(output):
+    """The KV cache of a forward output under either name (see `kv_cache_argument`)."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 @torch.no_grad()
 def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequence[str] | None = None, *,
                   adapter_weights: torch.Tensor | None = None, batch_size: int = 16) -> list[list[float]]:
@@ -124,6 +138,7 @@ def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequenc
     prompts = [prompt_ids(tokenizer, row["text"]) for row in rows]
     completions = [[tokenizer(c, add_special_tokens=False)["input_ids"] + end for c in row["choices"]] for row in rows]
     order = sorted(range(len(rows)), key=lambda i: len(prompts[i]))
+    cache_arg = kv_cache_argument(model)
     out: list[list[float]] = [[] for _ in rows]
     for start in range(0, len(order), batch_size):
         batch = order[start:start + batch_size]
@@ -152,10 +167,10 @@ def choice_scores(model, tokenizer, rows: Sequence[dict], adapter_names: Sequenc
             for r, index in enumerate(chunk):
                 cont[r, :len(flat[index])] = torch.tensor(flat[index])
                 cont_mask[r, :len(flat[index])] = 1
-            cache = copy.deepcopy(first.past_key_values)
+            cache = copy.deepcopy(kv_cache_of(first))
             cache.reorder_cache(rows_of)  # [b, ...] -> [m, ...]
             attention = torch.cat([mask[rows_of], cont_mask], dim=1)  # [m, P + W]
-            logits = model(input_ids=cont[:, :-1], attention_mask=attention[:, :-1], past_key_values=cache,
+            logits = model(input_ids=cont[:, :-1], attention_mask=attention[:, :-1], **{cache_arg: cache},
                            use_cache=True, **route(rows_of)).logits  # [m, W-1, V]
             picked = torch.log_softmax(logits.float(), dim=-1).gather(-1, cont[:, 1:].unsqueeze(-1)).squeeze(-1)
             scores[torch.tensor(chunk)] += (picked * cont_mask[:, 1:]).sum(dim=1).double()
