@@ -1,5 +1,8 @@
 """Routing kernels in torch: the specification of ``embed_pool_distance`` / ``incremental_pool_distance``
-and their CPU path (also the pooling and scoring steps the router build and ood calibration reuse).
+and their CPU path. Its steps are public because the rest of the package reuses them: pooling
+(``pool_embeddings_ref``: prompt embedding at build time), the scoring space (``to_scoring_space``: the
+centroids are built in it), scoring (``centroid_scores_ref``: ood calibration) and the running-sum update
+(``incremental_pool_update_ref``: token routing).
 
 Shape letters: B batch, T tokens, V vocab, D hidden, K centroids, A adapters.
 
