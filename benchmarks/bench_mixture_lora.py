@@ -20,7 +20,7 @@ import time
 import torch
 
 from ariadne_hf.kernels import mixture_lora
-from ariadne_hf.kernels.reference import pick_mixture_strategy
+from ariadne_hf.kernels.mixture_torch import pick_mixture_strategy
 
 
 def sync(device: torch.device) -> None:

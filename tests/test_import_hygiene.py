@@ -94,3 +94,42 @@ def test_no_import_cycle_between_modules():
         if node not in state:
             visit(node, [node])
     assert not cycles, cycles
+
+
+def _top_level_names(tree: ast.Module) -> set[str]:
+    """Names a module binds at top level, except ``from . import x`` (which binds the submodule x itself)."""
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign):
+            names.update(t.id for t in node.targets if isinstance(t, ast.Name))
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            names.add(node.target.id)
+        elif isinstance(node, ast.Import):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and not (node.level > 0 and node.module is None):
+            names.update(a.asname or a.name for a in node.names)
+    return names
+
+
+def test_no_module_shares_its_name_with_a_function_of_its_own_or_of_its_package():
+    """Importing a submodule sets it as a package attribute: a same-named function there would be replaced.
+
+    (kernels/ once needed a ModuleType subclass to keep ``ariadne_hf.kernels.embed_pool_distance`` the function.)
+    """
+    offenders = []
+    for init in sorted(PACKAGE.rglob("__init__.py")):
+        package = init.parent
+        package_names = _top_level_names(ast.parse(init.read_text(encoding="utf-8")))
+        children = [p for p in package.glob("*.py") if p.name != "__init__.py"]
+        children += [p for p in package.iterdir() if (p / "__init__.py").is_file()]
+        for child in sorted(children):
+            name = child.stem if child.suffix == ".py" else child.name
+            if name in package_names:
+                offenders.append(f"{child.relative_to(PACKAGE)}: {init.relative_to(PACKAGE)} binds {name!r}")
+            if child.suffix == ".py":
+                tree = ast.parse(child.read_text(encoding="utf-8"))
+                if any(isinstance(node, (ast.FunctionDef, ast.ClassDef)) and node.name == name for node in tree.body):
+                    offenders.append(f"{child.relative_to(PACKAGE)} defines {name!r}")
+    assert not offenders, offenders

@@ -8,8 +8,8 @@ import logging  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
+import kernel_cases as cases  # noqa: E402
 import pytest  # noqa: E402
-import test_kernels_reference as cases  # noqa: E402
 import torch  # noqa: E402
 
 import ariadne_hf.kernels as kernels  # noqa: E402
@@ -47,7 +47,7 @@ def test_argument_overrides_env_and_env_overrides_auto(monkeypatch):
     assert kernels.resolve_backend(CPU, "triton") == "triton"
 
 
-def test_unknown_names_raise(monkeypatch):
+def test_unknown_backend_names_raise_value_error(monkeypatch):
     with pytest.raises(ValueError, match="backend"):
         kernels.resolve_backend(CPU, "cuda")
     monkeypatch.setenv(ENV_KERNEL, "fast")
@@ -84,9 +84,9 @@ def test_choice_is_logged_once(caplog):
     assert "torch backend (auto, cpu" in messages[0] and "triton backend (argument" in messages[1]
 
 
-def test_public_functions_route_to_both_backends():
-    cases.triton_interpreter_module("embed_pool_distance")
-    cases.triton_interpreter_module("mixture_lora")
+def test_public_functions_run_on_both_backends_and_agree():
+    cases.triton_interpreter_module("pool_distance_triton")
+    cases.triton_interpreter_module("mixture_triton")
     case = cases.make_case(3, 5, 20, 32, 6, 3, center=True, seed=1)
     by_torch = cases.call(embed_pool_distance, case, backend="torch", return_pooled=True)
     by_triton = cases.call(embed_pool_distance, case, backend="triton", return_pooled=True)
@@ -101,15 +101,21 @@ def test_public_functions_route_to_both_backends():
                                mixture_lora(x, lora_a, lora_b, scaling, idx, weights, backend="torch"))
 
 
-def test_package_attributes_stay_functions_after_submodule_import():
+def test_public_names_stay_the_dispatchers_after_importing_every_kernels_submodule():
+    """No kernels submodule shares a name with a package attribute: importing them all rebinds nothing."""
     import importlib
+    import pkgutil
 
-    importlib.import_module("ariadne_hf.kernels.embed_pool_distance")
-    importlib.import_module("ariadne_hf.kernels.mixture_lora")
-    assert callable(kernels.embed_pool_distance) and callable(kernels.mixture_lora)
+    before = {name: getattr(kernels, name) for name in kernels.__all__}
+    submodules = [info.name for info in pkgutil.iter_modules(kernels.__path__)]
+    assert {"pool_distance_triton", "mixture_triton"} <= set(submodules)
+    for name in submodules:
+        importlib.import_module(f"ariadne_hf.kernels.{name}")
+    assert not set(submodules) & set(kernels.__all__)
+    assert all(getattr(kernels, name) is value for name, value in before.items())
     from ariadne_hf.kernels import embed_pool_distance as again
 
-    assert again is embed_pool_distance
+    assert again is embed_pool_distance and callable(kernels.mixture_lora)
 
 
 def test_torch_path_works_without_triton():
@@ -152,8 +158,8 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4):
     assert compiled.asm.get("cubin"), "no cubin"
 
 
-epd = importlib.import_module("ariadne_hf.kernels.embed_pool_distance")
-mix = importlib.import_module("ariadne_hf.kernels.mixture_lora")
+epd = importlib.import_module("ariadne_hf.kernels.pool_distance_triton")
+mix = importlib.import_module("ariadne_hf.kernels.mixture_triton")
 assert not epd.INTERPRETED and not mix.INTERPRETED
 for table, ids, flag in [("bf16", "i64", True), ("fp32", "i32", False), ("fp16", "i64", True)]:
     ptrs = dict(ids_ptr=f"*{ids}", mask_ptr="*u8", emb_ptr=f"*{table}", tokw_ptr="*fp32", center_ptr="*fp32",
@@ -170,7 +176,7 @@ for table, ids, flag in [("bf16", "i64", True), ("fp32", "i32", False), ("fp16",
                    dict(HAS_MASK=flag, HAS_TOKW=flag, HAS_CENTER=flag, HAS_TRANSFORM=flag, IS_COSINE=not flag,
                         **blocks))
 for dtype, n, k in [("bf16", 1, 2), ("fp32", 256, 1), ("fp16", 8, 4)]:
-    blocks = mix.default_blocks(n, 2048, 2048, 16, k, torch.device("cuda"))
+    blocks = mix.mixture_lora_blocks(n, 2048, 2048, 16, k, torch.device("cuda"))
     num_warps = blocks.pop("num_warps")
     ptrs = dict(x_ptr=f"*{dtype}", a_ptr=f"*{dtype}", b_ptr=f"*{dtype}", scaling_ptr="*fp32", idx_ptr="*i64",
                 w_ptr="*fp32", out_ptr=f"*{dtype}")

@@ -174,7 +174,7 @@ def test_mixture_layer_equals_the_kernel_specification(rows, tokens, per_token, 
     """Every torch MIXTURE strategy computes exactly reference.mixture_lora_ref (the Triton kernel's spec)."""
     from torch import nn
 
-    from ariadne_hf.kernels.reference import mixture_lora_ref
+    from ariadne_hf.kernels.mixture_torch import mixture_lora_ref
     from ariadne_hf.lora.gate import GateFactory
 
     torch.manual_seed(0)

@@ -15,8 +15,8 @@ def test_env_triton_changes_nothing_in_routes_or_generation(tiny_model, mixed_ba
     torch_routes = tiny_model.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     torch_tokens = tiny_model.generate(**batch, **kwargs)
     monkeypatch.setenv("ARIADNE_KERNEL", "triton")
-    epd_module = importlib.import_module("ariadne_hf.kernels.embed_pool_distance")
-    mixture_module = importlib.import_module("ariadne_hf.kernels.mixture_lora")
+    epd_module = importlib.import_module("ariadne_hf.kernels.pool_distance_triton")
+    mixture_module = importlib.import_module("ariadne_hf.kernels.mixture_triton")
 
     calls = {"route": 0, "incremental": 0, "mixture": 0}
 

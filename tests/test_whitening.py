@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ariadne_hf.kernels import embed_pool_distance_ref
-from ariadne_hf.kernels.reference import centroid_scores_ref
+from ariadne_hf.kernels.pool_distance_torch import centroid_scores_ref
 from ariadne_hf.routing.centroids import build_router_tables
 from ariadne_hf.routing.whitening import apply_transform, ledoit_wolf_shrinkage, within_adapter_whitening
 

@@ -12,9 +12,12 @@ on CPU tensors runs the kernels in Triton's interpreter (slow; for tests). Trito
 it is imported only when the triton backend is chosen. The chosen path is logged once per
 (operation, backend, device type) at INFO level on the ``ariadne_hf.kernels`` logger.
 
-The Triton modules share their names with the public functions: import them as
-``from ariadne_hf.kernels.embed_pool_distance import embed_pool_distance_triton`` (the package attribute
-``ariadne_hf.kernels.embed_pool_distance`` always stays the dispatcher function).
+Files, per kernel a torch file (the specification and the CPU path) and a Triton file (fused kernels and
+host wrappers; imported on first use), plus shared checks and helpers:
+
+* ``checks``: argument checks of both paths; ``triton_common``: interpreter flag, device check, blocks;
+* ``pool_distance_torch`` / ``pool_distance_triton``: ``embed_pool_distance``, ``incremental_pool_distance``;
+* ``mixture_torch`` / ``mixture_triton``: ``mixture_lora``.
 """
 
 from __future__ import annotations
@@ -23,20 +26,18 @@ import functools
 import importlib
 import logging
 import os
-import sys
-import types
 
 import torch
 
 from ..constants import ENV_KERNEL
-from .reference import (
+from .mixture_torch import dense_to_topk, mixture_lora_ref
+from .pool_distance_torch import (
     centroid_scores_ref,
-    dense_to_topk,
     embed_pool_distance_ref,
     incremental_pool_distance_ref,
-    mixture_lora_ref,
     pool_embeddings_ref,
 )
+from .triton_common import interpreter_requested
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +53,6 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
-
-
-def _interpreter_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _requested_backend(backend: str | None) -> tuple[str | None, str]:
@@ -88,7 +85,7 @@ def resolve_backend(device: torch.device, backend: str | None = None, *, op: str
                 f"{op}: backend 'triton' requested ({source}) but triton is not installed: "
                 "pip install 'ariadne_hf[triton]', or use backend='torch'"
             )
-        if device.type == "cpu" and not _interpreter_requested():
+        if device.type == "cpu" and not interpreter_requested():
             raise RuntimeError(
                 f"{op}: backend 'triton' requested ({source}) for CPU tensors, which needs Triton's interpreter: "
                 "set TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'"
@@ -101,7 +98,7 @@ def resolve_backend(device: torch.device, backend: str | None = None, *, op: str
 
 
 def _triton_module(name: str):
-    """Import ``ariadne_hf.kernels.<name>`` (which imports triton) on first use."""
+    """Import the Triton file ``ariadne_hf.kernels.<name>`` (which imports triton) on first use."""
     return importlib.import_module(f"{__name__}.{name}")
 
 
@@ -128,13 +125,13 @@ def embed_pool_distance(
     ``distance`` "cosine" | "l2".
     Returns (scores [B, A] fp32, higher = closer; best [B] int64, -1 for a row without weighted tokens)
     and, with ``return_pooled``, pooled [B, D] fp32 (un-centered). Exact rules:
-    ``reference.embed_pool_distance_ref``. ``backend``: None | "torch" | "triton" (module docstring).
+    ``pool_distance_torch.embed_pool_distance_ref``. ``backend``: None | "torch" | "triton" (module docstring).
     """
     kwargs = dict(center=center, token_weights=token_weights, transform=transform, distance=distance,
                   return_pooled=return_pooled)
     args = (input_ids, attention_mask, embed_weight, centroids, centroid_adapter, num_adapters)
     if resolve_backend(embed_weight.device, backend, op="embed_pool_distance") == "triton":
-        return _triton_module("embed_pool_distance").embed_pool_distance_triton(*args, **kwargs)
+        return _triton_module("pool_distance_triton").embed_pool_distance_triton(*args, **kwargs)
     return embed_pool_distance_ref(*args, **kwargs)
 
 
@@ -160,13 +157,13 @@ def incremental_pool_distance(
     place; start from zeros), ``new_mask`` [B] optional (0 = this row takes no token this step),
     ``token_weights`` [V] optional. O(D) per row for the update. Returns (scores [B, A] fp32, best [B]
     int64) exactly as ``embed_pool_distance`` would for the whole context so far (up to fp32 summation
-    order). Exact rules: ``reference.incremental_pool_distance_ref``; backend rules as above.
+    order). Exact rules: ``pool_distance_torch.incremental_pool_distance_ref``; backend rules as above.
     """
     kwargs = dict(new_mask=new_mask, center=center, token_weights=token_weights, transform=transform,
                   distance=distance)
     args = (new_ids, running_sum, running_weight, embed_weight, centroids, centroid_adapter, num_adapters)
     if resolve_backend(embed_weight.device, backend, op="incremental_pool_distance") == "triton":
-        return _triton_module("embed_pool_distance").incremental_pool_distance_triton(*args, **kwargs)
+        return _triton_module("pool_distance_triton").incremental_pool_distance_triton(*args, **kwargs)
     return incremental_pool_distance_ref(*args, **kwargs)
 
 
@@ -175,30 +172,13 @@ def mixture_lora(x, lora_A, lora_B, scaling, topk_indices, topk_weights, *, back
 
     ``x`` [N, IN], ``lora_A`` [A, R, IN], ``lora_B`` [A, OUT, R], ``scaling`` [A], ``topk_indices`` [N, k]
     int64, ``topk_weights`` [N, k]. Returns delta [N, OUT] in x's dtype, fp32 accumulation. Exact rules:
-    ``reference.mixture_lora_ref``; backend rules as above.
+    ``mixture_torch.mixture_lora_ref``; backend rules as above.
     """
     args = (x, lora_A, lora_B, scaling, topk_indices, topk_weights)
     if resolve_backend(x.device, backend, op="mixture_lora") == "triton":
-        return _triton_module("mixture_lora").mixture_lora_triton(*args)
+        return _triton_module("mixture_triton").mixture_lora_triton(*args)
     return mixture_lora_ref(*args)
 
-
-class _KernelsPackage(types.ModuleType):
-    """Keeps the public functions as package attributes when their same-named submodules get imported.
-
-    ``kernels/embed_pool_distance.py`` and ``kernels/mixture_lora.py`` share their names with the public
-    dispatchers; importing a submodule would otherwise rebind ``ariadne_hf.kernels.embed_pool_distance``
-    to the module. Reach the modules with ``from ariadne_hf.kernels.embed_pool_distance import ...``.
-    """
-
-    def __setattr__(self, name, value):
-        current = self.__dict__.get(name)
-        if isinstance(value, types.ModuleType) and callable(current) and not isinstance(current, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _KernelsPackage
 
 __all__ = [
     "BACKENDS",

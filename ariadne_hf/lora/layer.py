@@ -87,7 +87,7 @@ class RoutedLoraLinear(nn.Module):
         lora_a, lora_b = self.lora_A, self.lora_B  # [A, R, IN], [A, OUT, R]
         x = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
         if gate.backend == "triton":
-            from ..kernels.mixture_lora import mixture_lora_triton
+            from ..kernels.mixture_triton import mixture_lora_triton
 
             flat = x.reshape(-1, self.in_features)  # [N, IN]
             delta = mixture_lora_triton(flat, lora_a, lora_b, self.scaling, gate.raw_indices, gate.weights,

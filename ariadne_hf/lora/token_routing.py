@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ..kernels import incremental_pool_distance
-from ..kernels.reference import incremental_pool_update_ref
+from ..kernels.pool_distance_torch import incremental_pool_update_ref
 from .gate import GateFactory, LoraGate
 
 

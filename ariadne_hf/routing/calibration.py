@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..kernels.reference import centroid_scores_ref
+from ..kernels.pool_distance_torch import centroid_scores_ref
 from .ood import COMPONENTS, combine, ood_components, token_counts, token_tables
 
 DEFAULT_FOLDS = 5

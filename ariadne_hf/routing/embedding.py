@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..kernels.reference import pool_embeddings_ref
+from ..kernels.pool_distance_torch import pool_embeddings_ref
 
 logger = logging.getLogger(__name__)
 

@@ -1,15 +1,15 @@
-"""The fused Triton embed-pool-distance kernels against the torch reference, in Triton's interpreter (CPU)."""
+"""The fused Triton routing kernels (pool_distance_triton) against the torch spec, in Triton's interpreter (CPU)."""
 
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"  # before the kernel module (and, ideally, triton) is imported
 
+import kernel_cases as cases  # noqa: E402
 import pytest  # noqa: E402
-import test_kernels_reference as cases  # noqa: E402
 import torch  # noqa: E402
 
 from ariadne_hf.kernels import embed_pool_distance, incremental_pool_distance  # noqa: E402
-from ariadne_hf.kernels.reference import embed_pool_distance_ref, incremental_pool_distance_ref  # noqa: E402
+from ariadne_hf.kernels.pool_distance_torch import embed_pool_distance_ref, incremental_pool_distance_ref  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -19,7 +19,7 @@ SMALL_BLOCKS = {"BLOCK_T": 16, "BLOCK_DP": 32, "BLOCK_B": 16, "BLOCK_K": 16, "BL
 @pytest.fixture(scope="module")
 def kernels():
     """The Triton module, its kernels (and triton's standard library) created for the interpreter."""
-    return cases.triton_interpreter_module("embed_pool_distance")
+    return cases.triton_interpreter_module("pool_distance_triton")
 
 
 # A covering set (not the cross product) of B 1/3/33, T 1/7/300, D 32/123/576, K 1/5/257, A 1/3/40, paddings,
@@ -61,7 +61,7 @@ def _check_against_reference(case, distance, dtype, **kwargs):
 
 
 @pytest.mark.parametrize("spec", KERNEL_CASES, ids=_case_id)
-def test_kernel_matches_reference(kernels, spec):
+def test_kernel_scores_best_and_pooled_match_the_torch_reference(kernels, spec):
     spec = dict(spec)
     dtype = cases.DTYPES[spec.pop("dtype")]
     distance = spec.pop("distance")
@@ -74,7 +74,7 @@ def test_kernel_matches_reference(kernels, spec):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_kernel_small_blocks_loop_over_every_tile(kernels, distance):
+def test_kernel_with_small_blocks_looping_over_every_tile_matches_the_reference(kernels, distance):
     """Blocks of 16/32 force loops over T, D (pool and score), K and A tiles and several row blocks."""
     case = cases.make_case(35, 40, 60, 123, 70, 37, dtype=torch.bfloat16, padding="left", center=True,
                            token_weights=True, empty_rows=(16, 34), seed=11)
@@ -88,7 +88,7 @@ def test_kernel_small_blocks_loop_over_every_tile(kernels, distance):
     cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.bfloat16, distance, ref[0]))
 
 
-def test_kernel_ties_missing_adapters_and_no_centroids(kernels):
+def test_kernel_rows_without_tokens_or_centroids_get_minus_one_and_ties_go_to_the_lowest_adapter(kernels):
     table = torch.eye(32)[:4]  # [V=4, D=32]
     ids = torch.tensor([[0, 1], [2, 2], [3, 3]], dtype=torch.int32)
     mask = torch.tensor([[True, True], [True, True], [False, False]])
@@ -104,7 +104,7 @@ def test_kernel_ties_missing_adapters_and_no_centroids(kernels):
     assert best.tolist() == [-1, -1, -1] and torch.isinf(scores).all()
 
 
-def test_kernel_left_right_padding_and_strided_ids(kernels):
+def test_kernel_routes_strided_id_and_mask_views_like_contiguous_ones(kernels):
     case = cases.make_case(5, 12, 40, 64, 9, 4, padding="left", seed=12)
     wide = torch.full((5, 24), 40 + 7, dtype=torch.int64)
     wide[:, ::2] = case["input_ids"]
@@ -117,7 +117,7 @@ def test_kernel_left_right_padding_and_strided_ids(kernels):
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
-def test_kernel_rejects_bad_ids_and_layouts(kernels):
+def test_kernel_rejects_out_of_range_ids_strided_tables_and_non_power_of_two_blocks(kernels):
     case = cases.make_case(2, 6, 30, 32, 3, 2, seed=13)
     case["input_ids"] = case["input_ids"].clone()
     case["input_ids"][1, 0] = 1000
@@ -136,7 +136,7 @@ def test_kernel_rejects_bad_ids_and_layouts(kernels):
 
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
 @pytest.mark.parametrize("blocks", [None, SMALL_BLOCKS], ids=["default-blocks", "small-blocks"])
-def test_incremental_kernel_matches_reference(kernels, distance, blocks):
+def test_incremental_kernel_state_and_routes_match_the_reference_at_every_step(kernels, distance, blocks):
     case = cases.make_case(17, 6, 50, 123, 40, 5, dtype=torch.bfloat16, padding="left", token_weights=True,
                            center=True, empty_rows=(3,), seed=14)
     batch, dim = 17, 123
@@ -165,7 +165,7 @@ def test_incremental_kernel_matches_reference(kernels, distance, blocks):
     [(600, 8192, 5, 3), (3, 32, 100_000, 10_000)],
     ids=["T600-D8192", "K100k-A10k"],
 )
-def test_kernel_large_extents(kernels, tokens, dim, num_centroids, num_adapters):
+def test_kernel_matches_the_reference_at_the_largest_extents(kernels, tokens, dim, num_centroids, num_adapters):
     """The upper ends of the issue: D = 8192 (loops over D tiles), K = 100k centroids and A = 10k adapters."""
     case = cases.make_case(2, tokens, 300, dim, num_centroids, num_adapters, dtype=torch.bfloat16, padding="left",
                            seed=15)
@@ -225,7 +225,7 @@ def _check_transform_against_reference(case, transform, distance, dtype, call=No
 
 
 @pytest.mark.parametrize("spec", TRANSFORM_CASES, ids=lambda s: _case_id(s) + "-" + s["kind"])
-def test_kernel_transform_matches_reference(kernels, spec):
+def test_kernel_with_a_whitening_transform_matches_the_reference(kernels, spec):
     spec = dict(spec)
     dtype = cases.DTYPES[spec.pop("dtype")]
     distance = spec.pop("distance")
@@ -240,7 +240,7 @@ def test_kernel_transform_matches_reference(kernels, spec):
 
 
 @pytest.mark.parametrize("distance", ["cosine", "l2"])
-def test_kernel_transform_small_blocks_loop_over_every_tile(kernels, distance):
+def test_kernel_transform_with_small_blocks_looping_over_every_tile_matches_the_reference(kernels, distance):
     """Blocks of 16/32: several row blocks, output d-tiles and input d-tiles of the whitening phase, k-tiles."""
     case = cases.make_case(18, 5, 40, 70, 20, 5, dtype=torch.bfloat16, padding="left", center=True,
                            token_weights=True, empty_rows=(16,), seed=21)
@@ -268,7 +268,7 @@ def test_kernel_identity_transform_is_exactly_no_transform(kernels):
         assert torch.equal(plain[0], eye[0]) and torch.equal(plain[1], eye[1])
 
 
-def test_kernel_transform_edge_cases(kernels):
+def test_kernel_transform_handles_empty_batches_no_centroids_strided_w_and_rejects_bad_w(kernels):
     """All-padding batch, no centroids, a strided transform (copied), and bad transforms rejected."""
     case = cases.make_case(3, 6, 30, 48, 7, 3, center=True, empty_rows=(0, 1, 2), seed=23)
     transform = random_transform(48, "general", 23)
@@ -294,7 +294,7 @@ def test_kernel_transform_edge_cases(kernels):
 
 @pytest.mark.parametrize("distance, blocks", [("cosine", None), ("l2", SMALL_BLOCKS)],
                          ids=["cosine-default-blocks", "l2-small-blocks"])
-def test_incremental_kernel_transform_matches_reference(kernels, distance, blocks):
+def test_incremental_kernel_with_a_transform_matches_the_reference_at_every_step(kernels, distance, blocks):
     """Fed token by token: every step equals incremental_pool_distance_ref, the last one embed_pool_distance_ref."""
     batch, tokens, dim = 18, 4, 70
     case = cases.make_case(batch, tokens, 50, dim, 20, 5, dtype=torch.bfloat16, padding="left", token_weights=True,

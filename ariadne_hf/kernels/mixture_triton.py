@@ -1,6 +1,6 @@
 """Fused weighted multi-LoRA delta in one Triton launch per layer (punica/S-LoRA bgmv style).
 
-Importing this module imports triton; ``ariadne_hf.kernels.mixture_lora`` (the dispatcher) imports it lazily.
+Importing this module imports triton; the dispatcher in ``ariadne_hf.kernels`` imports it lazily.
 For CPU tensors (Triton's interpreter) set ``TRITON_INTERPRET=1`` before triton itself is first imported
 and before this module is imported (``INTERPRETED``).
 
@@ -22,19 +22,21 @@ with ``tl.dot`` would use tensor cores (not needed by the callers today).
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .reference import check_mixture_lora_args
+from .checks import check_last_dim_contiguous, check_mixture_lora_args
+from .triton_common import check_triton_device, interpreter_requested, next_pow2, pow2_floor, resolve_blocks
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = interpreter_requested()
 """Whether the kernel below was created for Triton's interpreter (CPU tensors)."""
 
 TILE_ELEMENTS_PER_WARP = 1024
 """GPU register budget: elements of a 3D tile (BLOCK_N * JR * BLOCK_IN or BLOCK_N * BLOCK_OUT * JR) per warp."""
+
+BLOCK_FLOORS = {"BLOCK_N": 1, "KP": 1}
+"""Smallest allowed value of the blocks that are not ``tl.dot`` extents (every other block: 16)."""
 
 
 @triton.jit
@@ -91,38 +93,30 @@ def _mixture_lora_kernel(
                  delta.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & out_ok[None, :])
 
 
-def _pow2(n: int, floor: int = 16) -> int:
-    return max(floor, triton.next_power_of_2(max(int(n), 1)))
-
-
-def default_blocks(n: int, in_features: int, out_features: int, rank: int, k: int, device) -> dict:
+def mixture_lora_blocks(n: int, in_features: int, out_features: int, rank: int, k: int, device) -> dict:
     """Block sizes (and num_warps): register-bounded 3D tiles on a GPU; large tiles in the interpreter.
 
     GPU: a 3D tile holds at most ``TILE_ELEMENTS_PER_WARP * num_warps`` elements (compiled for sm_80 with
     ptxas: no spills for k*R <= 64; mild spills beyond). ``BLOCK_N`` is 4 for decode-sized N (< 64 rows),
     else 16; it is not a ``tl.dot`` dimension, so it may be below 16. Interpreter: few, large block ops.
     """
-    block_r = _pow2(rank)
-    kp = triton.next_power_of_2(max(k, 1))
+    block_r = next_pow2(rank)
+    kp = next_pow2(k, floor=1)
     jr = kp * block_r
     if device.type == "cpu":  # interpreter: numpy handles big tiles, op count is what costs
-        block_n = min(_pow2(n), 64)
+        block_n = min(next_pow2(n), 64)
         budget = max(16, (1 << 20) // (block_n * jr))
-        block_in = min(_pow2(in_features), _pow2_floor(budget))
-        block_out = min(_pow2(out_features), _pow2_floor(budget))
+        block_in = min(next_pow2(in_features), pow2_floor(budget))
+        block_out = min(next_pow2(out_features), pow2_floor(budget))
         return {"BLOCK_N": block_n, "BLOCK_R": block_r, "KP": kp, "BLOCK_IN": block_in, "BLOCK_OUT": block_out,
                 "num_warps": 4}
     num_warps = 8 if jr >= 64 else 4
     block_n = 4 if n < 64 else 16
     budget = max(16, TILE_ELEMENTS_PER_WARP * num_warps // (block_n * jr))
-    block_in = max(16, min(_pow2_floor(budget), 128, _pow2(in_features)))
-    block_out = max(16, min(_pow2_floor(budget), 128, _pow2(out_features)))
+    block_in = max(16, min(pow2_floor(budget), 128, next_pow2(in_features)))
+    block_out = max(16, min(pow2_floor(budget), 128, next_pow2(out_features)))
     return {"BLOCK_N": block_n, "BLOCK_R": block_r, "KP": kp, "BLOCK_IN": block_in, "BLOCK_OUT": block_out,
             "num_warps": num_warps}
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(int(n), 1).bit_length() - 1)
 
 
 def _out_splits(n_row_tiles: int, n_out_tiles: int, device) -> int:
@@ -147,27 +141,22 @@ def mixture_lora_triton(
 ) -> torch.Tensor:
     """Semantics: delta[n] = sum_j w[n,j] * scaling[i] * B_i (A_i x[n]), i = topk_indices[n, j]; -1 adds nothing.
 
-    Exactly ``reference.mixture_lora_ref`` (shapes: x [N, IN], lora_A [A, R, IN], lora_B [A, OUT, R],
+    Exactly ``mixture_torch.mixture_lora_ref`` (shapes: x [N, IN], lora_A [A, R, IN], lora_B [A, OUT, R],
     scaling [A], topk_indices [N, k] in [-1, A), topk_weights [N, k]; returns [N, OUT] in x's dtype,
     fp32 accumulation) in ONE launch. Checks (``ValueError``) before launch: shapes, dtypes, devices,
     the index range, x contiguous in its last dimension, lora_A/lora_B contiguous (never copied).
     Bytes it must touch: x (N*IN), delta (N*OUT) and the selected adapters' A and B (<= k*N*R*(IN+OUT)
-    elements, far less when rows share adapters). ``block_sizes`` overrides ``default_blocks``;
+    elements, far less when rows share adapters). ``block_sizes`` overrides ``mixture_lora_blocks``;
     ``out_splits`` overrides the number of programs sharing a row tile's OUT tiles (``_out_splits``).
     ``checked=False`` skips the argument checks (one device sync): for callers whose arguments are valid by
     construction, such as the routed LoRA layers reading a gate built once per step.
     """
     if checked:
         check_mixture_lora_args(x, lora_A, lora_B, scaling, topk_indices, topk_weights)
-    if x.stride(-1) != 1:
-        raise ValueError(f"x must be contiguous in its last dimension, got strides {x.stride()}")
+    check_last_dim_contiguous("x", x)
     if not (lora_A.is_contiguous() and lora_B.is_contiguous()):
         raise ValueError("lora_A and lora_B must be contiguous (stack them once and cache them)")
-    if x.device.type == "cpu" and not INTERPRETED:
-        raise RuntimeError(
-            "the Triton backend got CPU tensors but Triton's interpreter is off: set TRITON_INTERPRET=1 "
-            "before triton is first imported, or use backend='torch'"
-        )
+    check_triton_device(INTERPRETED, x)
     n, in_features = x.shape
     adapters, rank, _ = lora_A.shape
     out_features = lora_B.shape[1]
@@ -177,13 +166,9 @@ def mixture_lora_triton(
         return out
     if k == 0 or rank == 0 or in_features == 0:
         return out.zero_()
-    blocks = default_blocks(n, in_features, out_features, rank, k, x.device)
-    blocks.update(block_sizes or {})
+    blocks = resolve_blocks(mixture_lora_blocks(n, in_features, out_features, rank, k, x.device), block_sizes,
+                            BLOCK_FLOORS)
     num_warps = blocks.pop("num_warps")
-    for name, value in blocks.items():
-        floor = 1 if name in ("KP", "BLOCK_N") else 16
-        if value < floor or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= {floor}, got {value}")
     if blocks["BLOCK_R"] < rank or blocks["KP"] < k:
         raise ValueError(f"BLOCK_R must be >= R={rank} and KP >= k={k}, got {blocks}")
     idx = topk_indices.to(torch.int64).contiguous()  # [N, k]

@@ -47,20 +47,22 @@ run together and share it through L2: W and the centroid table come from DRAM ab
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from .reference import (
+from .checks import (
+    TABLE_DTYPES,
+    check_batch_shapes,
     check_centroid_adapter_range,
     check_incremental_args,
+    check_last_dim_contiguous,
     check_routing_args,
     check_token_ids_in_range,
 )
+from .triton_common import check_triton_device, interpreter_requested, next_pow2, resolve_blocks
 
-INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRETED = interpreter_requested()
 """Whether the kernels below were created for Triton's interpreter (CPU tensors)."""
 
 GPU_BLOCKS = {"BLOCK_T": 32, "BLOCK_DP": 128, "BLOCK_B": 16, "BLOCK_K": 64, "BLOCK_D": 32, "BLOCK_A": 256}
@@ -359,49 +361,18 @@ def _incremental_pool_distance_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _pow2_block(n: int, cap: int) -> int:
-    return max(16, min(cap, triton.next_power_of_2(max(int(n), 1))))
-
-
-def default_blocks(batch: int, tokens: int, dim: int, num_centroids: int, num_adapters: int, device) -> dict:
+def pool_distance_blocks(batch: int, tokens: int, dim: int, num_centroids: int, num_adapters: int, device) -> dict:
     """Block sizes: ``GPU_BLOCKS`` on a GPU; in the interpreter large blocks (few block ops, fast on numpy)."""
     if device.type != "cpu":
         return dict(GPU_BLOCKS)
     return {
-        "BLOCK_T": _pow2_block(tokens, 256),
-        "BLOCK_DP": _pow2_block(dim, 1024),
-        "BLOCK_B": _pow2_block(batch, 64),
-        "BLOCK_K": _pow2_block(num_centroids, 256),
-        "BLOCK_D": _pow2_block(dim, 1024),
-        "BLOCK_A": _pow2_block(num_adapters, 1024),
+        "BLOCK_T": next_pow2(tokens, cap=256),
+        "BLOCK_DP": next_pow2(dim, cap=1024),
+        "BLOCK_B": next_pow2(batch, cap=64),
+        "BLOCK_K": next_pow2(num_centroids, cap=256),
+        "BLOCK_D": next_pow2(dim, cap=1024),
+        "BLOCK_A": next_pow2(num_adapters, cap=1024),
     }
-
-
-def _resolve_blocks(defaults: dict, overrides: dict | None) -> dict:
-    blocks = dict(defaults)
-    for name, value in (overrides or {}).items():
-        if name not in blocks:
-            raise ValueError(f"unknown block size {name!r}; known: {sorted(blocks)}")
-        blocks[name] = int(value)
-    for name, value in blocks.items():
-        if value < 16 or value & (value - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {value}")
-    return blocks
-
-
-def check_triton_device(*tensors: torch.Tensor) -> None:
-    """Raise ``RuntimeError`` if the tensors cannot run here: CPU tensors need the interpreter."""
-    for t in tensors:
-        if t is not None and t.device.type == "cpu" and not INTERPRETED:
-            raise RuntimeError(
-                "the Triton backend got CPU tensors but Triton's interpreter is off: set TRITON_INTERPRET=1 "
-                "before triton is first imported, or use backend='torch'"
-            )
-
-
-def _check_last_dim_contiguous(name: str, t: torch.Tensor) -> None:
-    if t.stride(-1) != 1:
-        raise ValueError(f"{name} must be contiguous in its last dimension (stride 1), got strides {t.stride()}")
 
 
 def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
@@ -413,9 +384,9 @@ def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, cen
     check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
                        transform)
     check_centroid_adapter_range(centroid_adapter, num_adapters)
-    _check_last_dim_contiguous("embed_weight", embed_weight)
-    _check_last_dim_contiguous("centroids", centroids)
-    if centroids.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+    check_last_dim_contiguous("embed_weight", embed_weight)
+    check_last_dim_contiguous("centroids", centroids)
+    if centroids.dtype not in TABLE_DTYPES:
         raise ValueError(f"centroids must be fp32/fp16/bf16, got {centroids.dtype}")
     c2a = centroid_adapter.to(torch.int32).contiguous()  # [K]
     center32 = None if center is None else center.to(torch.float32).contiguous()  # [D]
@@ -454,7 +425,7 @@ def embed_pool_distance_triton(
     """Semantics: scores[b, a] = max_k cos(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids
     (negated euclidean distance for "l2"); best[b] = first argmax_a, -1 for a row with no weighted tokens.
 
-    Exactly the rules of ``reference.embed_pool_distance_ref`` (same arguments and returns; W = ``transform``
+    Exactly the rules of ``pool_distance_torch.embed_pool_distance_ref`` (same arguments and returns; W = ``transform``
     [D, D] fp32, ``x = (pooled - center) @ transform.T``, identity when None), in ONE Triton launch (module
     docstring: ticketed pooling items, with a transform whitening tiles, then scoring tiles with ``tl.dot``
     and ``atomic_max`` into a -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``).
@@ -479,17 +450,14 @@ def embed_pool_distance_triton(
     in [0, V) (the error names the id and V). ``transform`` must be fp32 [D, D] on the same device; a
     strided one is copied contiguous. ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
     """
-    if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be an int32/int64 [B, T] tensor, got {tuple(input_ids.shape)} {input_ids.dtype}")
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask must match input_ids {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}")
+    check_batch_shapes(input_ids, attention_mask)
     c2a, center32, tokw32, transform32 = _prepare_common(
         embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
     )
     devices = {input_ids.device, attention_mask.device, embed_weight.device}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    check_triton_device(embed_weight)
+    check_triton_device(INTERPRETED, embed_weight)
     check_token_ids_in_range(input_ids, attention_mask != 0, embed_weight.shape[0])
 
     batch, tokens = input_ids.shape
@@ -497,7 +465,7 @@ def embed_pool_distance_triton(
     num_centroids = centroids.shape[0]
     num_adapters = int(num_adapters)
     device = embed_weight.device
-    blocks = _resolve_blocks(default_blocks(batch, tokens, dim, num_centroids, num_adapters, device), block_sizes)
+    blocks = resolve_blocks(pool_distance_blocks(batch, tokens, dim, num_centroids, num_adapters, device), block_sizes)
     mask = _mask_view(attention_mask)  # [B, T]
     pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
     wsum = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
@@ -548,7 +516,7 @@ def incremental_pool_distance_triton(
     """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(M (S[b]/W[b] - center), C[k]).
 
     M = ``transform`` [D, D] fp32 (``x = (S/W - center) @ transform.T``), identity when None. Exactly
-    ``reference.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table row read,
+    ``pool_distance_torch.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table row read,
     S[b] read and written), with a transform the whitening tiles, then the scoring tiles of
     ``embed_pool_distance_triton``. Bytes it must touch: B*D*(elem + 8) for the update plus K*D*elem for
     the centroids, plus D*D*4 for a transform (B*D*D*2 flops). ``running_sum`` must be contiguous in its
@@ -558,10 +526,10 @@ def incremental_pool_distance_triton(
         embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
     )
     keep = check_incremental_args(new_ids, running_sum, running_weight, embed_weight, new_mask)  # [B]
-    _check_last_dim_contiguous("running_sum", running_sum)
+    check_last_dim_contiguous("running_sum", running_sum)
     if not running_weight.is_contiguous():
         raise ValueError("running_weight must be contiguous")
-    check_triton_device(embed_weight)
+    check_triton_device(INTERPRETED, embed_weight)
     check_token_ids_in_range(new_ids, keep, embed_weight.shape[0])
 
     batch = new_ids.shape[0]
@@ -569,7 +537,7 @@ def incremental_pool_distance_triton(
     num_centroids = centroids.shape[0]
     num_adapters = int(num_adapters)
     device = embed_weight.device
-    blocks = _resolve_blocks(default_blocks(batch, 1, dim, num_centroids, num_adapters, device), block_sizes)
+    blocks = resolve_blocks(pool_distance_blocks(batch, 1, dim, num_centroids, num_adapters, device), block_sizes)
     blocks.pop("BLOCK_T")
     mask = None if new_mask is None else _mask_view(new_mask.to(device)).contiguous()  # [B]
     pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D] scratch
