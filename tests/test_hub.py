@@ -243,7 +243,7 @@ def test_repos_that_are_not_bundles_are_refused_without_downloading_weights(hub)
         resolve_bundle(model_repo)
     with pytest.raises(NotABundleError, match="single PEFT adapter"):
         resolve_bundle(adapter_repo)
-    with pytest.raises(NotABundleError, match="no config.json"):
+    with pytest.raises(NotABundleError, match="not an ariadne bundle: config.json is missing"):
         resolve_bundle(empty_repo)
     cached = [p for p in Path(os.environ["HF_HUB_CACHE"]).rglob("*") if p.name.endswith(".safetensors")]
     assert cached == []
@@ -258,7 +258,7 @@ def test_pickle_only_and_incomplete_repos_are_refused(hub, tmp_path):
     with pytest.raises(UnsafeBundleError, match=r"adapters/code/adapter_model\.safetensors.*pickled"):
         resolve_bundle(pickled_repo)
     upload_raw(incomplete_repo, {p: c for p, c in bundle.items() if not p.startswith("adapters/math/")})
-    with pytest.raises(IncompleteBundleError, match="adapters/math/adapter_config.json"):
+    with pytest.raises(IncompleteBundleError, match="adapter 'math' is listed in config.json but its folder adapters/math/"):
         resolve_bundle(incomplete_repo)
 
 
