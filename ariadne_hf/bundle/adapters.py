@@ -9,9 +9,9 @@ from typing import Any
 
 from peft import LoraConfig, PeftConfig
 
-from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME
+from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGHT_NAMES
 from .errors import AdapterError
-from .layout import PICKLED_WEIGHT_NAMES, is_pickled_weights
+from .layout import is_pickled_weights
 
 __all__ = ["AdapterError", "adapter_summary", "check_adapter_dir", "declared_base", "file_sha256",
            "resolve_adapter_dir"]  # AdapterError is defined in errors.py, re-exported here

@@ -32,6 +32,7 @@ from ..constants import (
     GENERATION_CONFIG_NAME,
     IMAGES_DIR,
     MODEL_CARD_NAME,
+    PICKLED_WEIGHT_NAMES,
     ROUTER_WEIGHTS_NAME,
 )
 from .errors import BundleError, IncompleteBundleError, NotABundleError, UnsafeBundleError
@@ -53,8 +54,6 @@ TOKENIZER_FILE_NAMES = (
 # ---- pickles --------------------------------------------------------------------------------------------------
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 """A file with one of these suffixes is a pickle: never loaded, never pushed, never downloaded with a bundle."""
-PICKLED_WEIGHT_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.pt", "model.bin")
-"""The names transformers, PEFT and torch give weights saved as pickles where a bundle has safetensors."""
 _SHARDED_PICKLED_WEIGHTS = re.compile(r"(?:pytorch_model|model|adapter_model)-\d+-of-\d+\.bin")
 
 
@@ -168,6 +167,8 @@ def _missing_label(required: str) -> str:
         return f"router weights {required} are missing"
     if required.startswith(f"{ADAPTERS_DIR}/"):
         return f"adapter {required.split('/')[1]!r} is listed in {CONFIG_NAME} but {required} is missing"
+    if required == BASE_WEIGHTS:
+        return f"{CONFIG_NAME} says the backbone is in {BASE_DIR}/ but it holds no weights ({required})"
     return f"{CONFIG_NAME} says the backbone is in {BASE_DIR}/ but {required} is missing"
 
 
