@@ -258,7 +258,8 @@ def test_pickle_only_and_incomplete_repos_are_refused(hub, tmp_path):
     with pytest.raises(UnsafeBundleError, match=r"adapters/code/adapter_model\.safetensors.*pickled"):
         resolve_bundle(pickled_repo)
     upload_raw(incomplete_repo, {p: c for p, c in bundle.items() if not p.startswith("adapters/math/")})
-    with pytest.raises(IncompleteBundleError, match="adapter 'math' is listed in config.json but its folder adapters/math/"):
+    with pytest.raises(IncompleteBundleError, match="adapter 'math' is listed in config.json but its folder "
+                                                    "adapters/math/ is missing"):
         resolve_bundle(incomplete_repo)
 
 

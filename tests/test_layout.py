@@ -50,8 +50,8 @@ def test_a_complete_file_set_passes():
 
 
 def test_every_missing_file_is_named_in_one_message_with_the_fix():
-    files = COMPLETE - {"model.safetensors", "adapters/math/adapter_config.json", "adapters/math/adapter_model.safetensors",
-                        "adapters/code/adapter_config.json"}
+    files = COMPLETE - {"model.safetensors", "adapters/math/adapter_config.json",
+                        "adapters/math/adapter_model.safetensors", "adapters/code/adapter_config.json"}
     config = {**CONFIG, "backbone_name_or_path": "base"}
     with pytest.raises(IncompleteBundleError) as info:
         check_bundle_files(files, config, "Bundle b", fix="Do X.")

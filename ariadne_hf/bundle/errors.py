@@ -2,7 +2,7 @@
 
     BundleError(ValueError)                    every bundle problem (corrupt, mismatched or unusable)
     ├── AdapterError                           an adapter folder cannot be used (not LoRA, DoRA, pickles, ...)
-    └── BundleFilesError(BundleError, OSError) the bundle's files cannot be found, fetched or used (alias BundleHubError)
+    └── BundleFilesError(BundleError, OSError) the files cannot be found, fetched or used (alias: BundleHubError)
         ├── BundleNotFoundError                no such repo (or private/gated without a valid token)
         ├── BundleRevisionNotFoundError        no such branch, tag or commit
         ├── BundleNotCachedError               offline and not (completely) in the local cache
@@ -55,4 +55,4 @@ class UnsafeBundleError(BundleFilesError):
 
 
 class IncompleteBundleError(BundleFilesError):
-    """Files the bundle's config requires are missing (in the folder, the repo, or after an interrupted download)."""
+    """Files the bundle's config requires are missing (in the folder or repo, or after an interrupted download)."""

@@ -174,8 +174,9 @@ def resolve_bundle(
     the config lists, base/ when the backbone is stored there, and README.md + images/ if `include_card`) at the
     commit `revision` (default: main) points to, into the HF cache. Offline (`local_files_only` or HF_HUB_OFFLINE)
     it uses the cache only. Guarantees: the returned folder is an ariadne bundle with every file its config
-    requires, all weights safetensors; otherwise a `BundleFilesError` (`BundleHubError`) subclass names the repo/revision/file and the
-    fix (repo missing, revision missing, not a bundle, pickled weights, incomplete, not cached).
+    requires, all weights safetensors; otherwise a `BundleFilesError` (alias `BundleHubError`) subclass names the
+    repo/revision/file and the fix (repo missing, revision missing, not a bundle, pickled weights, incomplete, not
+    cached).
     """
     name = os.fspath(name_or_path)
     if os.path.isdir(name):

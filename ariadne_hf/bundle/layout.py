@@ -200,7 +200,8 @@ def read_bundle_config(directory: str | os.PathLike, where: str, files: Iterable
         kind = config.get("model_type") if isinstance(config, dict) else None
         plain = "; a plain transformers model: load it with transformers directly" if kind else ""
         raise NotABundleError(
-            f"{where} is not an ariadne bundle ({CONFIG_NAME} has model_type {kind!r}, not 'ariadne'{plain}).{_BUNDLE_HINT}"
+            f"{where} is not an ariadne bundle ({CONFIG_NAME} has model_type {kind!r}, not 'ariadne'{plain})."
+            f"{_BUNDLE_HINT}"
         )
     from ..configuration_ariadne import check_bundle_version
 

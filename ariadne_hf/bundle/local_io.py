@@ -286,9 +286,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.backbone_name_or_path == BASE_DIR:
-        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None
-        if not os.path.isdir(backbone_ref):
-            raise BundleError(f"Bundle {directory}: config says the backbone is in {BASE_DIR}/ but it is missing.")
+        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None  # read_bundle checked its files
     else:
         backbone_ref, backbone_revision = config.backbone_name_or_path, config.backbone_revision
     shared = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
