@@ -1,4 +1,8 @@
-"""Names shared across the package: bundle file names, sentinel adapter names, environment variables."""
+"""Names shared across the package: bundle file names, sentinel adapter names, environment variables.
+
+How the bundle file names fit together (which files a bundle holds and requires, what counts as a pickle, the
+validator) is `ariadne_hf.bundle.layout`.
+"""
 
 BASE_ADAPTER = "__base__"
 """Adapter name of rows routed to the plain backbone (PEFT's own sentinel for mixed batches)."""
@@ -19,6 +23,8 @@ REPO_ID_PLACEHOLDER = "your-org/your-ariadne-bundle"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLED_WEIGHT_NAMES = ("adapter_model.bin", "pytorch_model.bin", "model.pt", "model.bin")
+"""Names transformers, PEFT and torch give weights saved as pickles where a bundle has safetensors (the pickle
+rules that use them: bundle/layout.py)."""
 
 ENV_KERNEL = "ARIADNE_KERNEL"
 """Overrides the routing kernel backend: "torch" or "triton"."""

@@ -32,8 +32,10 @@ def _edit_config(bundle, **changes):
     [
         ("config.json", "not an ariadne bundle: config.json is missing"),
         ("model.safetensors", "router weights model.safetensors are missing"),
-        ("adapters/poetry/adapter_model.safetensors", "Adapter 'poetry'.*adapter_model.safetensors is missing"),
-        ("adapters/code/adapter_config.json", "Adapter 'code'.*adapter_config.json is missing"),
+        ("adapters/poetry/adapter_model.safetensors",
+         "adapter 'poetry' is listed in config.json but adapters/poetry/adapter_model.safetensors is missing"),
+        ("adapters/code/adapter_config.json",
+         "adapter 'code' is listed in config.json but adapters/code/adapter_config.json is missing"),
     ],
 )
 def test_missing_bundle_file_is_named(bundle_copy, relative, message):
@@ -198,3 +200,27 @@ def test_invalid_names_and_options(tiny_assets):
         AriadneConfig(distance="manhattan")
     with pytest.raises(ValueError, match="adapter names must be unique"):
         AriadneConfig(adapter_names=["a", "a"])
+
+
+def test_one_error_hierarchy_for_bundles():
+    """Every bundle error is a BundleError (a ValueError); the not-found / not-a-bundle / not-cached family (and the
+    unsafe and incomplete ones, OSErrors before) are OSErrors too, as transformers' loaders expect; the old import
+    paths name the same classes."""
+    import pickle
+
+    import ariadne_hf
+    from ariadne_hf.bundle import adapters, errors, hub, local_io
+
+    classes = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)}
+    assert len(classes) == 9 and all(issubclass(c, BundleError) and issubclass(c, ValueError) for c in classes)
+    files_family = [errors.BundleNotFoundError, errors.BundleRevisionNotFoundError, errors.BundleNotCachedError,
+                    errors.NotABundleError, errors.UnsafeBundleError, errors.IncompleteBundleError]
+    for cls in files_family:
+        assert issubclass(cls, errors.BundleHubError) and issubclass(cls, OSError), cls
+        assert getattr(hub, cls.__name__) is cls
+        error = pickle.loads(pickle.dumps(cls("Bundle x: message")))  # crosses processes (Ray) intact
+        assert type(error) is cls and str(error) == "Bundle x: message"
+    assert errors.BundleHubError is errors.BundleFilesError is hub.BundleHubError
+    assert not issubclass(BundleError, OSError) and not issubclass(AdapterError, OSError)
+    assert BundleError is ariadne_hf.BundleError is local_io.BundleError is errors.BundleError
+    assert AdapterError is ariadne_hf.AdapterError is adapters.AdapterError is errors.AdapterError

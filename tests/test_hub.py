@@ -243,7 +243,7 @@ def test_repos_that_are_not_bundles_are_refused_without_downloading_weights(hub)
         resolve_bundle(model_repo)
     with pytest.raises(NotABundleError, match="single PEFT adapter"):
         resolve_bundle(adapter_repo)
-    with pytest.raises(NotABundleError, match="no config.json"):
+    with pytest.raises(NotABundleError, match="not an ariadne bundle: config.json is missing"):
         resolve_bundle(empty_repo)
     cached = [p for p in Path(os.environ["HF_HUB_CACHE"]).rglob("*") if p.name.endswith(".safetensors")]
     assert cached == []
@@ -258,8 +258,42 @@ def test_pickle_only_and_incomplete_repos_are_refused(hub, tmp_path):
     with pytest.raises(UnsafeBundleError, match=r"adapters/code/adapter_model\.safetensors.*pickled"):
         resolve_bundle(pickled_repo)
     upload_raw(incomplete_repo, {p: c for p, c in bundle.items() if not p.startswith("adapters/math/")})
-    with pytest.raises(IncompleteBundleError, match="adapters/math/adapter_config.json"):
+    with pytest.raises(IncompleteBundleError, match="adapter 'math' is listed in config.json but its folder "
+                                                    "adapters/math/ is missing"):
         resolve_bundle(incomplete_repo)
+
+
+def test_a_broken_bundle_raises_the_same_error_from_the_same_validator_locally_and_from_the_hub(hub, tmp_path):
+    """A folder loaded locally, the same files as a Hub repo before any download, and the folder pushed: one
+    validator (layout.check_bundle_files), one error class, the same problem named."""
+    from ariadne_hf.bundle.errors import BundleError
+    from ariadne_hf.bundle.local_io import read_bundle
+
+    complete = read_tree(make_bundle(tmp_path / "complete", readme=None))
+    weights = "adapters/code/adapter_model.safetensors"
+    cases = [
+        (None, IncompleteBundleError, f"adapter 'code' is listed in config.json but {weights} is missing"),
+        ("adapters/code/adapter_model.bin", UnsafeBundleError, "only pickled adapters/code/adapter_model.bin found"),
+    ]
+    for number, (pickled, error, problem) in enumerate(cases):
+        files = {p: c for p, c in complete.items() if p != weights}
+        if pickled:
+            files[pickled] = complete[weights]
+        folder = tmp_path / f"broken{number}"
+        for path, content in files.items():
+            (folder / path).parent.mkdir(parents=True, exist_ok=True)
+            (folder / path).write_bytes(content)
+        repo_id = new_repo_id()
+        upload_raw(repo_id, files)
+        calls = [(read_bundle, str(folder)), (resolve_bundle, repo_id)]
+        if not pickled:  # (a push refuses any pickle before this check)
+            calls.append((push_bundle_dir, folder, new_repo_id()))
+        for function, *args in calls:
+            with pytest.raises(BundleError) as info:
+                function(*args)
+            assert type(info.value) is error and isinstance(info.value, OSError) and problem in str(info.value)
+            raised_in = info.traceback[-1]
+            assert (Path(raised_in.path).name, raised_in.name) == ("layout.py", "check_bundle_files")
 
 
 def test_interrupted_download_raises_and_is_never_served_from_the_cache(hub, tmp_path):

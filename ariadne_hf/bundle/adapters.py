@@ -10,10 +10,11 @@ from typing import Any
 from peft import LoraConfig, PeftConfig
 
 from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGHT_NAMES
+from .errors import AdapterError
+from .layout import is_pickled_weights
 
-
-class AdapterError(ValueError):
-    """An adapter cannot be used: the message names the adapter, the problem and the fix."""
+__all__ = ["AdapterError", "adapter_summary", "check_adapter_dir", "declared_base", "file_sha256",
+           "resolve_adapter_dir"]  # AdapterError is defined in errors.py, re-exported here
 
 
 def file_sha256(path: str) -> str:
@@ -53,10 +54,10 @@ def check_adapter_dir(path: str, name: str) -> LoraConfig:
         raise AdapterError(f"Adapter {name!r}: {config_path} is missing; a PEFT adapter folder is expected.")
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     if not os.path.isfile(weights_path):
-        pickled = [f for f in PICKLED_WEIGHT_NAMES if os.path.isfile(os.path.join(path, f))]
+        pickled = sorted(f for f in os.listdir(path) if is_pickled_weights(f) and os.path.isfile(os.path.join(path, f)))
         if pickled:
             raise AdapterError(
-                f"Adapter {name!r}: only pickled weights ({pickled[0]}) found in {path}. ariadne_hf never loads "
+                f"Adapter {name!r}: only pickled weights ({', '.join(pickled)}) found in {path}. ariadne_hf never loads "
                 "pickles; convert them once with PEFT (load, then save_pretrained(safe_serialization=True))."
             )
         raise AdapterError(f"Adapter {name!r}: {weights_path} is missing.")

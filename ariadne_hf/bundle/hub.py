@@ -11,207 +11,67 @@ Pull: `snapshot_download` of the bundle files only (never pickles, never unrelat
 the commit the revision pointed to when the pull started, into the ordinary HF cache (HF_HOME), so
 `local_files_only=True` / HF_HUB_OFFLINE=1 work afterwards. The result is checked before it is returned: a folder
 that is not a complete ariadne bundle raises, it is never handed to the model loader.
+
+What a bundle holds and the checks of its files are in `layout` (the same validator the local loader runs); the
+errors are in `errors`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import logging
 import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ..constants import (
-    ADAPTER_CONFIG_NAME,
-    ADAPTER_WEIGHTS_NAME,
-    ADAPTERS_DIR,
     BASE_DIR,
     CONFIG_NAME,
-    GENERATION_CONFIG_NAME,
-    IMAGES_DIR,
     MODEL_CARD_NAME,
-    PICKLED_WEIGHT_NAMES,
     REPO_ID_PLACEHOLDER,
-    ROUTER_WEIGHTS_NAME,
 )
+from .errors import (
+    BundleHubError,
+    BundleNotCachedError,
+    BundleNotFoundError,
+    BundleRevisionNotFoundError,
+    IncompleteBundleError,
+    NotABundleError,
+    UnsafeBundleError,
+)
+from .layout import (
+    FIX_PUSH_AGAIN,
+    check_bundle_files,
+    check_bundle_folder,
+    is_bundle_file,
+    is_owned_by_bundle,
+    is_pickle_file,
+    list_local_files,
+    read_bundle_config,
+)
+
+__all__ = [  # the errors (errors.py) and layout functions (layout.py) this module defined before are re-exported
+    "BundleHubError", "BundleNotCachedError", "BundleNotFoundError", "BundleRevisionNotFoundError",
+    "IncompleteBundleError", "NotABundleError", "UnsafeBundleError", "check_bundle_files", "check_local_bundle",
+    "is_bundle_file", "is_pickle_file", "list_local_files", "pull_bundle", "push_bundle", "push_bundle_dir",
+    "read_bundle_config", "resolve_bundle",
+]
 
 logger = logging.getLogger(__name__)
 
-ROOT_FILE_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
-"""Root files pulled with a bundle besides the router: config, generation config and tokenizer files."""
-BASE_FILE_SUFFIXES = ROOT_FILE_SUFFIXES + (".safetensors",)
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-TOKENIZER_FILE_NAMES = (
-    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "vocab.json",
-    "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "chat_template.jinja",
-    "chat_template.json",
-)
-"""Root files a push may delete from the repo when the new bundle no longer has them (never a user's own file)."""
-
-
-# ---- errors ---------------------------------------------------------------------------------------------------
-class BundleHubError(OSError):
-    """A bundle could not be pushed or pulled; the message names the repo, revision or file and the fix."""
-
-
-class BundleNotFoundError(BundleHubError):
-    """The repo does not exist, or is private/gated and no valid token was given."""
-
-
-class BundleRevisionNotFoundError(BundleHubError):
-    """The repo exists but the requested branch, tag or commit does not."""
-
-
-class NotABundleError(BundleHubError):
-    """The folder or repo is not an ariadne bundle (no config.json with model_type "ariadne")."""
-
-
-class UnsafeBundleError(BundleHubError):
-    """Weights are stored as pickles (.bin/.pt/...) instead of safetensors; they are never loaded or pushed."""
-
-
-class IncompleteBundleError(BundleHubError):
-    """Files the bundle's config requires are missing (in the repo, or after an interrupted download)."""
-
-
-class BundleNotCachedError(BundleHubError):
-    """Offline (local_files_only or HF_HUB_OFFLINE) and the bundle is not complete in the local cache."""
-
-
-# ---- which files belong to a bundle ---------------------------------------------------------------------------
-def is_pickle_file(path: str) -> bool:
-    """True for files holding pickled weights (never loaded, never pushed)."""
-    name = path.rsplit("/", 1)[-1]
-    return name in PICKLED_WEIGHT_NAMES or name.endswith(PICKLE_SUFFIXES)
-
-
-def is_bundle_file(path: str, *, adapter_names: Iterable[str] | None = None, include_card: bool = True,
-                   include_base: bool = True) -> bool:
-    """True if `path` (relative, '/'-separated) is a file a bundle is made of.
-
-    Guarantees: never true for pickles, hidden paths, a root `adapter_config.json`, adapters not in
-    `adapter_names` (when given) or any other folder than adapters/, images/ and base/.
-    """
-    parts = path.split("/")
-    if any(part.startswith(".") or not part for part in parts) or is_pickle_file(path):
-        return False
-    name = parts[-1]
-    if len(parts) == 1:
-        if name == MODEL_CARD_NAME:
-            return include_card
-        return name == ROUTER_WEIGHTS_NAME or (name.endswith(ROOT_FILE_SUFFIXES) and name != ADAPTER_CONFIG_NAME)
-    if parts[0] == ADAPTERS_DIR and len(parts) == 3:
-        wanted = adapter_names is None or parts[1] in set(adapter_names)
-        return wanted and name in (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME)
-    if parts[0] == IMAGES_DIR and len(parts) == 2:
-        return include_card and name.endswith(".png")
-    if parts[0] == BASE_DIR and len(parts) == 2:
-        return include_base and name.endswith(BASE_FILE_SUFFIXES)
-    return False
-
-
-def list_local_files(directory: str | os.PathLike) -> list[str]:
-    """Every non-hidden file under `directory` as sorted relative '/'-paths (symlinks followed)."""
-    root = Path(directory)
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        rel = Path(dirpath).relative_to(root)
-        files += [(rel / f).as_posix() for f in filenames if not f.startswith(".")]
-    return sorted(f[2:] if f.startswith("./") else f for f in files)
-
-
-def read_bundle_config(directory: str | os.PathLike, where: str, files: Iterable[str] = ()) -> dict[str, Any]:
-    """The config.json of a bundle folder as a dict; raises NotABundleError unless model_type is "ariadne".
-
-    `files` (the folder's or repo's file list) only improves the message.
-    """
-    path = Path(directory) / CONFIG_NAME
-    files = set(files)
-    if not path.is_file():
-        hint = " It holds a single PEFT adapter (adapter_config.json at the root)." if ADAPTER_CONFIG_NAME in files \
-            else ""
-        raise NotABundleError(f"{where} is not an ariadne bundle: it has no {CONFIG_NAME}.{hint}{_BUNDLE_HINT}")
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise NotABundleError(f"{where}: {CONFIG_NAME} is not valid JSON ({err}).") from err
-    if not isinstance(config, dict) or config.get("model_type") != "ariadne":
-        kind = config.get("model_type") if isinstance(config, dict) else None
-        raise NotABundleError(
-            f"{where} is not an ariadne bundle: {CONFIG_NAME} has model_type {kind!r}, not 'ariadne'"
-            f"{' (a plain transformers model)' if kind else ''}.{_BUNDLE_HINT}"
-        )
-    from ..configuration_ariadne import check_bundle_version
-
-    check_bundle_version(config.get("bundle_format_version", "1.0"))
-    return config
-
-
-_BUNDLE_HINT = (
-    " Build a bundle with AriadneRoutedModel.from_adapters(...) and save_pretrained / push_to_hub it."
-)
-
-
-def check_bundle_files(files: Iterable[str], config: dict[str, Any], where: str) -> None:
-    """Raise unless `files` (a folder's or repo's relative paths) hold everything `config` needs, as safetensors.
-
-    Required: the router (model.safetensors), adapters/<name>/adapter_config.json and adapter_model.safetensors for
-    every name in config["adapter_names"], and base/config.json + base/*.safetensors when the backbone is in base/.
-    A required safetensors file replaced by a pickle raises UnsafeBundleError; any other gap IncompleteBundleError.
-    """
-    files = set(files)
-    missing, pickled = [], []
-    required = [(ROUTER_WEIGHTS_NAME, ("pytorch_model.bin", "model.bin", "model.pt"))]
-    for name in config.get("adapter_names") or []:
-        folder = f"{ADAPTERS_DIR}/{name}"
-        required.append((f"{folder}/{ADAPTER_CONFIG_NAME}", ()))
-        required.append((f"{folder}/{ADAPTER_WEIGHTS_NAME}", (f"{folder}/adapter_model.bin",)))
-    for path, pickle_names in required:
-        if path not in files:
-            (pickled if any(p in files for p in pickle_names) else missing).append(path)
-    if config.get("backbone_name_or_path") == BASE_DIR:
-        base_files = [f for f in files if f.startswith(f"{BASE_DIR}/")]
-        if f"{BASE_DIR}/{CONFIG_NAME}" not in files:
-            missing.append(f"{BASE_DIR}/{CONFIG_NAME}")
-        if not any(f.endswith(".safetensors") for f in base_files):
-            (pickled if any(is_pickle_file(f) for f in base_files) else missing).append(f"{BASE_DIR}/*.safetensors")
-    if pickled:
-        raise UnsafeBundleError(
-            f"{where} stores {', '.join(pickled)} as pickled weights (.bin/.pt), which ariadne_hf never loads: "
-            "pickles can run arbitrary code. Convert them to safetensors (load and save_pretrained with "
-            "safe_serialization, or safetensors.torch.save_file) and push again."
-        )
-    if missing:
-        raise IncompleteBundleError(
-            f"{where} is an incomplete ariadne bundle: missing {', '.join(sorted(missing))}. Push the complete "
-            "bundle again (model.push_to_hub or `ariadne push`); after an interrupted download, retry it."
-        )
-
 
 def check_local_bundle(directory: str | os.PathLike) -> dict[str, Any]:
-    """Validate a local bundle folder for pushing; returns its config dict.
+    """Validate a local bundle folder for pushing (`layout.check_bundle_folder`, refusing any pickle in it);
+    returns its config dict.
 
     Raises NotABundleError, UnsafeBundleError (any pickle anywhere in the folder) or IncompleteBundleError.
     """
-    where = f"Bundle folder {os.fspath(directory)!r}"
-    if not os.path.isdir(directory):
-        raise NotABundleError(f"{where} does not exist or is not a folder.")
-    files = list_local_files(directory)
-    config = read_bundle_config(directory, where, files)
-    pickles = [f for f in files if is_pickle_file(f)]
-    if pickles:
-        raise UnsafeBundleError(
-            f"{where} contains pickled weights ({', '.join(pickles[:5])}); only safetensors are pushed. Convert them "
-            "to safetensors or delete them."
-        )
-    check_bundle_files(files, config, where)
+    config, _ = check_bundle_folder(directory, f"Bundle folder {os.fspath(directory)!r}", refuse_any_pickle=True)
     return config
 
 
@@ -287,23 +147,13 @@ def push_bundle_dir(
             operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=card.encode("utf-8")))
         else:
             operations.append(CommitOperationAdd(path_in_repo=path, path_or_fileobj=local))
-    stale = sorted(path for path in remote - set(files) if _owned_by_bundle(path, replacing_card=not keep_readme))
+    stale = sorted(path for path in remote - set(files) if is_owned_by_bundle(path, replacing_card=not keep_readme))
     operations += [CommitOperationDelete(path_in_repo=path) for path in stale]
     names = config.get("adapter_names") or []
     message = commit_message or f"Upload ariadne bundle ({len(names)} adapters: {', '.join(names)})"
     with _hub_errors(repo_id, revision):
         return api.create_commit(repo_id, operations, commit_message=message, revision=revision,
                                  create_pr=create_pr)
-
-
-def _owned_by_bundle(path: str, *, replacing_card: bool) -> bool:
-    """True for repo files a push may delete: they belong to the bundle layout, not to the user."""
-    top = path.split("/", 1)[0]
-    if top in (ADAPTERS_DIR, BASE_DIR):
-        return True
-    if top == IMAGES_DIR:
-        return replacing_card and path.endswith(".png")
-    return path in (CONFIG_NAME, ROUTER_WEIGHTS_NAME, GENERATION_CONFIG_NAME) + TOKENIZER_FILE_NAMES
 
 
 # ---- pull -----------------------------------------------------------------------------------------------------
@@ -324,8 +174,9 @@ def resolve_bundle(
     the config lists, base/ when the backbone is stored there, and README.md + images/ if `include_card`) at the
     commit `revision` (default: main) points to, into the HF cache. Offline (`local_files_only` or HF_HUB_OFFLINE)
     it uses the cache only. Guarantees: the returned folder is an ariadne bundle with every file its config
-    requires, all weights safetensors; otherwise a `BundleHubError` subclass names the repo/revision/file and the
-    fix (repo missing, revision missing, not a bundle, pickled weights, incomplete, not cached).
+    requires, all weights safetensors; otherwise a `BundleFilesError` (alias `BundleHubError`) subclass names the
+    repo/revision/file and the fix (repo missing, revision missing, not a bundle, pickled weights, incomplete, not
+    cached).
     """
     name = os.fspath(name_or_path)
     if os.path.isdir(name):
@@ -358,7 +209,7 @@ def _download_bundle(repo_id: str, revision: str | None, common: dict, *, force_
         return _checked_cached_folder(folder, where + " (cached)")
     # 2. the repo must hold a complete safetensors bundle before anything else is downloaded.
     config = read_bundle_config(folder, where, remote)
-    check_bundle_files(remote, config, where)
+    check_bundle_files(remote, config, where, fix=FIX_PUSH_AGAIN)
     wanted = sorted(
         path for path in remote
         if is_bundle_file(path, adapter_names=config.get("adapter_names") or [], include_card=include_card,
@@ -386,10 +237,8 @@ def _cached_bundle(repo_id: str, revision: str | None, common: dict) -> str:
 
 def _checked_cached_folder(folder: str, where: str) -> str:
     """Return the cached snapshot `folder` if it holds a complete bundle, else raise BundleNotCachedError."""
-    files = list_local_files(folder) if os.path.isdir(folder) else []
-    config = read_bundle_config(folder, where, files)
     try:
-        check_bundle_files(files, config, where)
+        check_bundle_folder(folder, where, fix="")
     except IncompleteBundleError as err:
         raise BundleNotCachedError(
             f"{err} The bundle is not completely in the local cache: load it once with network access (without "

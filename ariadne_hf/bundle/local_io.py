@@ -1,13 +1,11 @@
-"""Local save and load of a bundle: file layout, integrity checks (sha256), version and backbone checks.
+"""Local save and load of a bundle: write, read (the files checked by `layout`, then integrity (sha256), router
+tensors, adapters), backbone checks, load into a model.
 
-Layout (see docs/architecture.md):
-    config.json, model.safetensors (router), generation_config.json, tokenizer files, README.md, images/,
-    adapters/<name>/{adapter_config.json, adapter_model.safetensors}, optional base/ (the backbone).
+The layout (which files, which are required, pickles) and its validator are in `layout`; the errors in `errors`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,7 +21,6 @@ from ..constants import (
     ADAPTERS_DIR,
     BASE_DIR,
     CONFIG_NAME,
-    PICKLED_WEIGHT_NAMES,
     ROUTER_CENTER,
     ROUTER_CENTROID_ADAPTER,
     ROUTER_CENTROIDS,
@@ -34,13 +31,16 @@ from ..constants import (
     ROUTER_WEIGHTS_NAME,
 )
 from ..lora import LoraBank
-from .adapters import AdapterError, check_adapter_dir, file_sha256
+from .adapters import check_adapter_dir, file_sha256
+from .errors import AdapterError, BundleError
+from .layout import FIX_SAVE_AGAIN, check_bundle_folder
+
+__all__ = [  # BundleError is defined in errors.py, re-exported here (callers import it from this module)
+    "BundleError", "backbone_state_dict", "check_backbone_matches", "load_backbone_for_build", "load_bundle",
+    "pin_backbone", "read_bundle", "resolve_bundle_directory", "write_bundle",
+]
 
 logger = logging.getLogger(__name__)
-
-
-class BundleError(ValueError):
-    """A bundle cannot be loaded: the message names the file or adapter at fault and the fix."""
 
 
 # ---- backbone reference --------------------------------------------------------------------------------------
@@ -148,29 +148,21 @@ def _write_card(model, directory: str, config: AriadneConfig) -> None:
 def read_bundle(directory: str) -> tuple[AriadneConfig, dict[str, torch.Tensor]]:
     """Read and validate a bundle folder without loading any model.
 
-    Checks, each with an error naming the file or adapter: config.json present and an ariadne config of a
-    supported version; router weights present, safetensors, intact (sha256), with consistent shapes; every
-    adapter folder present with a valid LoRA config and intact safetensors weights.
+    Checks, each with an error naming the file or adapter: first the files (`layout.check_bundle_folder`, the
+    validator a pull runs on a Hub repo: config.json present and an ariadne config of a supported version, router
+    weights and every listed adapter's files present as safetensors, base/ when the config says so), then the
+    content: config fields valid, router weights intact (sha256) with consistent shapes, every adapter a valid LoRA
+    config with intact weights (sha256).
     """
-    config_path = os.path.join(directory, CONFIG_NAME)
-    if not os.path.isfile(config_path):
-        raise BundleError(f"{directory} is not an ariadne bundle: {CONFIG_NAME} is missing.")
+    where = f"Bundle {directory}"
+    raw, _ = check_bundle_folder(directory, where, fix=FIX_SAVE_AGAIN)
     try:
-        with open(config_path, encoding="utf-8") as handle:
-            raw = json.load(handle)
-    except (OSError, ValueError) as err:
-        raise BundleError(f"{config_path} is not valid JSON ({err}); the bundle is corrupt.") from err
-    if raw.get("model_type") != "ariadne":
-        raise BundleError(
-            f"{directory} is not an ariadne bundle (config.json has model_type {raw.get('model_type')!r}). "
-            "Load plain models with transformers directly, or build a bundle with AriadneRoutedModel.from_adapters."
-        )
-    config = AriadneConfig.from_dict(raw)
+        config = AriadneConfig.from_dict(raw)
+    except ValueError as err:
+        raise BundleError(f"{where}: {CONFIG_NAME} is not a valid ariadne config: {err}") from err
     router = _read_router(directory, config)
     for name in config.adapter_names:
         folder = os.path.join(directory, ADAPTERS_DIR, name)
-        if not os.path.isdir(folder):
-            raise BundleError(f"Bundle {directory}: adapter {name!r} is listed in config.json but {folder} is missing.")
         check_adapter_dir(folder, name)
         expected = (config.adapters or {}).get(name, {}).get("sha256")
         if expected and file_sha256(os.path.join(folder, ADAPTER_WEIGHTS_NAME)) != expected:
@@ -182,11 +174,7 @@ def read_bundle(directory: str) -> tuple[AriadneConfig, dict[str, torch.Tensor]]
 
 
 def _read_router(directory: str, config: AriadneConfig) -> dict[str, torch.Tensor]:
-    path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
-    if not os.path.isfile(path):
-        pickled = [f for f in PICKLED_WEIGHT_NAMES if os.path.isfile(os.path.join(directory, f))]
-        hint = f" (only pickled {pickled[0]} found; ariadne_hf never loads pickles)" if pickled else ""
-        raise BundleError(f"Bundle {directory}: router weights {ROUTER_WEIGHTS_NAME} are missing{hint}.")
+    path = os.path.join(directory, ROUTER_WEIGHTS_NAME)  # present: read_bundle checked the files
     expected = getattr(config, "router_sha256", None)
     if expected and file_sha256(path) != expected:
         raise BundleError(f"Bundle {directory}: {ROUTER_WEIGHTS_NAME} does not match its checksum in config.json; "
@@ -302,9 +290,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if config.backbone_name_or_path == BASE_DIR:
-        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None
-        if not os.path.isdir(backbone_ref):
-            raise BundleError(f"Bundle {directory}: config says the backbone is in {BASE_DIR}/ but it is missing.")
+        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None  # read_bundle checked its files
     else:
         backbone_ref, backbone_revision = config.backbone_name_or_path, config.backbone_revision
     shared = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
