@@ -7,8 +7,7 @@ bundle loads with `AutoModelForCausalLM.from_pretrained(path_or_repo)` and works
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from ._version import __version__
-from .bundle.adapters import AdapterError
-from .bundle.local_io import BundleError
+from .bundle.errors import AdapterError, BundleError, BundleFilesError
 from .configuration_ariadne import AriadneConfig
 from .constants import BASE_ADAPTER
 from .modeling_ariadne import AriadneRoutedModel
@@ -24,6 +23,7 @@ __all__ = [
     "AriadneRoutedModel",
     "BASE_ADAPTER",
     "BundleError",
+    "BundleFilesError",
     "RoutingDecision",
     "__version__",
 ]

@@ -81,6 +81,7 @@ def cmd_generate(args) -> int:
 
 def cmd_info(args) -> int:
     from .bundle.local_io import read_bundle, resolve_bundle_directory
+    from .constants import ROUTER_CENTROIDS
 
     directory = resolve_bundle_directory(args.bundle, {"revision": args.revision} if args.revision else {})
     config, router = read_bundle(directory)
@@ -93,7 +94,7 @@ def cmd_info(args) -> int:
         "center": config.center,
         "whitening": config.whitening,
         "routing": config.routing,
-        "centroids": int(router["router.centroids"].shape[0]),
+        "centroids": int(router[ROUTER_CENTROIDS].shape[0]),
         "adapters": config.adapters,
         "reject": config.reject,
         "ood_threshold": config.ood_threshold,

@@ -7,8 +7,8 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .constants import BASE_ADAPTER, BUNDLE_FORMAT_VERSION
+from .kernels.checks import DISTANCES
 
-DISTANCES = ("cosine", "l2")
 ROUTING_GRANULARITIES = ("sequence", "token")
 GENERATION_STRATEGIES = ("batched", "grouped")
 KERNEL_BACKENDS = (None, "torch", "triton")

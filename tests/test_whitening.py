@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 
 from ariadne_hf.kernels import embed_pool_distance_ref
-from ariadne_hf.kernels.pool_distance_torch import centroid_scores_ref
+from ariadne_hf.kernels.pool_distance_torch import centroid_scores_ref, to_scoring_space
 from ariadne_hf.routing.centroids import build_router_tables
-from ariadne_hf.routing.whitening import apply_transform, ledoit_wolf_shrinkage, within_adapter_whitening
+from ariadne_hf.routing.whitening import ledoit_wolf_shrinkage, within_adapter_whitening
 
 
 def ledoit_wolf_paper(x: torch.Tensor) -> float:
@@ -84,7 +84,7 @@ def test_tables_are_the_kmeans_of_the_whitened_points_and_scores_follow_the_spec
     assert tables.centroid_counts == [2, 2, 2] and tables.centroid_adapter.tolist() == [0, 0, 1, 1, 2, 2]
     from ariadne_hf.routing.centroids import kmeans
 
-    again = kmeans(apply_transform(pooled[1], tables.center, tables.transform), 2, seed=3)
+    again = kmeans(to_scoring_space(pooled[1], tables.center, tables.transform), 2, seed=3)
     assert torch.equal(tables.centroids[2:4], again)
     # the kernel spec: cos(W (x - center), C) -- checked against a direct computation
     table = torch.randn(30, 6, generator=gen)

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels.pool_distance_torch import to_scoring_space
 from .calibration import OodCalibration, calibrate_for_build
 from .centroids import RouterTables, build_router_tables, kmeans
 from .embedding import embed_prompts
 from .inputs import special_token_weights
 from .router import AriadneRouter
-from .whitening import apply_transform
 
 OOD_AUTO_MAX_ADAPTERS = 256
 """The out-of-distribution tables are dense [A, V] token counts (0.4 MB per adapter for a 49k vocabulary): with
@@ -70,5 +70,5 @@ def centroids_in_space(router: AriadneRouter, prompts: list[str], tokenizer, emb
     points = embed_prompts(prompts, tokenizer, embed_weight, token_weights=router.optional_token_weights(),
                            max_length=max_length, batch_size=batch_size, desc=desc, progress=progress)  # [N, D]
     transform = router.optional_transform()
-    points = apply_transform(points, router.optional_center(), None if transform is None else transform.cpu())
+    points = to_scoring_space(points, router.optional_center(), None if transform is None else transform.cpu())
     return kmeans(points, num_centroids, distance=distance, seed=seed)

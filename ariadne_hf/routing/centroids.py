@@ -117,7 +117,8 @@ def build_router_tables(
     Guarantees: deterministic for a seed; adapter a's centroids depend on the shared state (center, W) and on its
     own prompts only; centroid_adapter is sorted (adapter 0's rows first).
     """
-    from .whitening import WHITENING_KINDS, apply_transform, within_adapter_whitening
+    from ..kernels.pool_distance_torch import to_scoring_space
+    from .whitening import WHITENING_KINDS, within_adapter_whitening
 
     if whitening not in WHITENING_KINDS:
         raise ValueError(f"whitening must be one of {WHITENING_KINDS}, got {whitening!r}.")
@@ -127,7 +128,7 @@ def build_router_tables(
     transform, info = within_adapter_whitening(pooled) if whitening == "within" else (None, None)
     blocks, owners, counts = [], [], []
     for index, points in enumerate(pooled):
-        centroids = kmeans(apply_transform(points, center_vector, transform), num_centroids, distance=distance,
+        centroids = kmeans(to_scoring_space(points, center_vector, transform), num_centroids, distance=distance,
                            seed=seed)  # [k, D]
         blocks.append(centroids)
         owners.append(torch.full((centroids.shape[0],), index, dtype=torch.int64))

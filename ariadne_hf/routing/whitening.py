@@ -17,8 +17,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..kernels.pool_distance_torch import to_scoring_space as apply_transform  # noqa: F401  (x = W (p - center))
-
 WHITENING_KINDS = ("within", "none")
 
 

@@ -20,7 +20,8 @@ import os
 import torch
 from safetensors import safe_open
 
-from ..bundle.local_io import BundleError, check_backbone_matches, read_bundle, resolve_bundle_directory
+from ..bundle.errors import BundleError
+from ..bundle.local_io import check_backbone_matches, read_bundle, resolve_bundle_directory
 from ..constants import (
     BASE_DIR,
     ROUTER_CENTER,
