@@ -155,8 +155,7 @@ def plan_call(model, input_ids, attention_mask, *, adapter_names=None, adapter_w
                                    backend=options.kernel_backend))
         return PlannedCall(decision, None, lambda adapters: sequence_plan(model, adapters, options.kernel_backend))
     attention_mask = new_tokens_mask(input_ids, attention_mask)
-    if adapter_weights is not None:
-        validate_token_ids(input_ids, attention_mask, model.config.embedding_vocab_size)
+    if adapter_weights is not None:  # route_ids validates the ids
         decision = route_ids(model, input_ids, attention_mask, threshold=threshold, reject=model.config.reject,
                              backend=options.kernel_backend)
         return PlannedCall(decision, weights_plan(model, adapter_weights, input_ids.shape[0], options.kernel_backend))
