@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import torch
+from fastapi import FastAPI, Request
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
@@ -393,3 +394,29 @@ def test_unknown_fields_are_answered_listed_in_a_header_and_logged_once(server, 
             assert response.headers[IGNORED_HEADER] == ",".join(sorted([name, "top_k"]))
     assert sum(name in record.getMessage() for record in caplog.records) == 1
     assert IGNORED_HEADER not in post(server, "chat", max_tokens=2).headers
+
+
+def test_gateway_forwards_every_parameter_unchanged(serving_bundle_dir):
+    """Gateway mode refuses nothing and reports nothing as ignored: the upstream engine gets the body as sent
+    (only `model` rewritten), tools, image parts, response_format and unknown fields included."""
+    from ariadne_hf.serving.launch import build_gateway_app
+
+    received: list[dict] = []
+    upstream = FastAPI()
+
+    @upstream.post("/v1/chat/completions")
+    async def chat(request: Request):
+        received.append(await request.json())
+        return {"id": "x", "object": "chat.completion", "created": 0, "model": "m", "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop",
+             "logprobs": None}], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    body = {"model": "poetry", "max_tokens": 3, "tools": TOOLS, "tool_choice": "auto", "logprobs": True,
+            "response_format": {"type": "json_object"}, "bogus_field": 1, "top_logprobs": 30,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": PROMPT},
+                                                      {"type": "image_url", "image_url": {"url": "data:,"}}]}]}
+    with ServerThread(upstream) as up, ServerThread(build_gateway_app(serving_bundle_dir, up.base_url)) as gateway:
+        response = httpx.post(gateway.base_url + "/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    assert IGNORED_HEADER not in response.headers
+    assert received == [body]
