@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--examples-per-task", type=int, default=1, help="sample answers per task (shortest prompts)")
     scoring = demo.add_mutually_exclusive_group()
     scoring.add_argument("--questions-per-task", type=int, default=None,
-                         help="multiple-choice test questions scored per task (first N in file order; default 12)")
+                         help="multiple-choice test questions scored per task (first N in file order; default 6)")
     scoring.add_argument("--full", action="store_true", help="score every multiple-choice test question (538)")
     demo.set_defaults(func=cmd_demo)
 

@@ -47,9 +47,11 @@ def side_by_side(model, rows: list[dict], *, max_new_tokens: int = 24) -> list[d
     from .task_metrics import exact_match, gold_strings
 
     routed, _, _ = route_rows(model, rows)
-    routed_hits, routed_text = exact_match(model, model.tokenizer, rows, routed, max_new_tokens=max_new_tokens)
-    base_hits, base_text = exact_match(model, model.tokenizer, rows, [BASE_ADAPTER] * len(rows),
-                                       max_new_tokens=max_new_tokens)
+    # one mixed batch: every row once with its routed adapter, once with the base model (same tokens as two calls)
+    hits, texts = exact_match(model, model.tokenizer, rows + rows, routed + [BASE_ADAPTER] * len(rows),
+                              max_new_tokens=max_new_tokens, batch_size=2 * len(rows))
+    routed_hits, base_hits = hits[:len(rows)], hits[len(rows):]
+    routed_text, base_text = texts[:len(rows)], texts[len(rows):]
     return [{"task": r["task"], "prompt": r["text"], "gold": gold_strings(r)[0] if gold_strings(r) else "",
              "routed_to": name, "routed": rt, "routed_correct": rh, "base": bt, "base_correct": bh}
             for r, name, rt, rh, bt, bh in zip(rows, routed, routed_text, routed_hits, base_text, base_hits,

@@ -13,8 +13,8 @@ import math
 
 from .reports import _figure, _percent
 
-DEFAULT_QUESTIONS_PER_TASK = 12
-"""Questions per task scored by `ariadne demo` (72 for the six demo tasks): what fits the demo's one-minute budget
+DEFAULT_QUESTIONS_PER_TASK = 6
+"""Questions per task scored by `ariadne demo` (36 for the six demo tasks): what fits the demo's one-minute budget
 on 2 CPU cores (measured in docs/demo_adapters.md); `--full` scores all 538."""
 
 METHODS = (("routed", "routed adapter"), ("token_top2", "token-level, top-2 mix"), ("oracle", "oracle adapter"),
