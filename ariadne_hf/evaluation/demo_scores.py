@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-from .reports import _figure, _percent
+from .reports import matplotlib_figure_class, percent
 
 DEFAULT_QUESTIONS_PER_TASK = 6
 """Questions per task scored by `ariadne demo` (36 for the six demo tasks): what fits the demo's one-minute budget
@@ -85,9 +85,9 @@ def scores_markdown(scores: dict) -> str:
              "", "| task | questions | " + " | ".join(title for _, title in METHODS) + " |",
              "|---|---|" + "---|" * len(METHODS)]
     for task, row in scores["per_task"].items():
-        lines.append(f"| {task} | {row['questions']} | " + " | ".join(_percent(row[k]) for k, _ in METHODS) + " |")
+        lines.append(f"| {task} | {row['questions']} | " + " | ".join(percent(row[k]) for k, _ in METHODS) + " |")
     total = scores["overall"]
-    lines.append(f"| **all** | {total['questions']} | " + " | ".join(f"**{_percent(total[k])}**" for k, _ in METHODS)
+    lines.append(f"| **all** | {total['questions']} | " + " | ".join(f"**{percent(total[k])}**" for k, _ in METHODS)
                  + " |")
     if scores["questions_per_task"] is not None:
         half = 100 * 1.96 * math.sqrt(0.25 / total["questions"])
@@ -103,13 +103,13 @@ def scores_console(scores: dict) -> str:
     head = "".join(f"{key:>12}" for key, _ in METHODS)
     lines = [f"  {'task':<{width}}{'n':>4}{head}"]
     for task, row in list(scores["per_task"].items()) + [("all", scores["overall"])]:
-        lines.append(f"  {task:<{width}}{row['questions']:>4}" + "".join(f"{_percent(row[k]):>12}" for k, _ in METHODS))
+        lines.append(f"  {task:<{width}}{row['questions']:>4}" + "".join(f"{percent(row[k]):>12}" for k, _ in METHODS))
     return "\n".join(lines)
 
 
 def plot_task_scores(path: str, scores: dict) -> bool:
     """Grouped bars (one group per task and one for all, one bar per method) as a PNG; False without matplotlib."""
-    figure = _figure()
+    figure = matplotlib_figure_class()
     if figure is None:
         return False
     groups = list(scores["per_task"].items()) + [("all", scores["overall"])]
