@@ -88,3 +88,60 @@ def test_save_load_and_pipeline(family, tmp_path):
         ids = model.tokenizer([prompt], return_tensors="pt")
         expected = model.generate(**ids, max_new_tokens=3, do_sample=False)[0, ids["input_ids"].shape[1]:]
         assert output[0]["generated_text"] == model.tokenizer.decode(expected, skip_special_tokens=True), name
+
+
+def _renamed_adapter(source: str, target: str, old: str, new: str) -> str:
+    """A copy of adapter `source` whose module names have `old` replaced by `new` (config and weights)."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(source, target)
+    weights = os.path.join(target, "adapter_model.safetensors")
+    tensors = {k.replace(old, new): v for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    config_path = os.path.join(target, "adapter_config.json")
+    with open(config_path) as f:
+        config = json.load(f)
+    config["target_modules"] = [new.strip(".")]
+    with open(config_path, "w") as f:
+        json.dump(config, f)
+    return target
+
+
+def test_refused_layer_types_are_named(tiny_assets, tmp_path):
+    norm = _renamed_adapter(tiny_assets["adapters"]["math"], str(tmp_path / "norm"), ".self_attn.q_proj.",
+                            ".input_layernorm.")
+    with pytest.raises(AdapterError, match=r"model\.layers\.0\.input_layernorm .*a LlamaRMSNorm of this backbone"
+                                           r".*not a linear layer") as error:
+        AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {"norm": norm}, {"norm": ["a b c"]},
+                                         progress=False)
+    assert "another base model" not in str(error.value)
+    alien = _renamed_adapter(tiny_assets["adapters"]["math"], str(tmp_path / "alien"), ".self_attn.q_proj.",
+                             ".self_attn.c_attn.")
+    with pytest.raises(AdapterError, match=r"match no module of this backbone.*another base model"):
+        AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {"alien": alien}, {"alien": ["a b c"]},
+                                         progress=False)
+
+
+def test_embedding_lora_and_target_parameters_are_refused(tiny_assets, tmp_path):
+    import json
+
+    from peft import LoraConfig, get_peft_model
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_assets["backbone"])
+    get_peft_model(base, LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False)).save_pretrained(
+        tmp_path / "embedding")
+    with pytest.raises(AdapterError, match="LoRA on an embedding layer"):
+        AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {"emb": str(tmp_path / "embedding")},
+                                         {"emb": ["a b c"]}, progress=False)
+    experts = _renamed_adapter(tiny_assets["adapters"]["math"], str(tmp_path / "experts"), "q_proj", "q_proj")
+    config_path = tmp_path / "experts" / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    config["target_parameters"] = ["mlp.experts.gate_up_proj"]  # fused MoE expert weights (PEFT's LoRA on params)
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(AdapterError, match=r"target_parameters \(LoRA on raw parameters\)"):
+        AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {"experts": experts}, {"experts": ["a b c"]},
+                                         progress=False)
