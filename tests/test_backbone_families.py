@@ -5,7 +5,7 @@ backbones (built in code) through build, route, mixed-batch generate == PEFT, to
 import pytest
 import torch
 from peft import PeftModel
-from tiny_models import FAMILY_TARGETS, build_family_assets
+from tiny_models import FAMILY_TARGETS, build_family_assets, make_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
@@ -18,8 +18,10 @@ GREEDY = {"max_new_tokens": 4, "do_sample": False}
 def family(request, tmp_path_factory):
     """(family, assets, routed model, PEFT model with the same adapters)."""
     assets = build_family_assets(str(tmp_path_factory.mktemp(request.param)), request.param)
+    # The word-level test tokenizer is passed as an object: for model_type "qwen2", transformers' AutoTokenizer
+    # replaces a saved TokenizersBackend with Qwen2Tokenizer, which turns these words into <unk>.
     model = AriadneRoutedModel.from_adapters(assets["backbone"], assets["adapters"], assets["train"],
-                                             num_centroids=4, progress=False)
+                                             num_centroids=4, tokenizer=make_tokenizer(), progress=False)
     names = list(assets["adapters"])
     oracle = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(assets["backbone"]),
                                        assets["adapters"][names[0]], adapter_name=names[0])
@@ -58,8 +60,6 @@ def test_routing_then_generate_equals_peft_with_the_routed_adapters(family):
     train = [p for items in assets["train"].values() for p in items]
     labels = [n for n, items in assets["train"].items() for _ in items]
     accuracy = sum(a == b for a, b in zip(model.route(train).adapter_names, labels, strict=True)) / len(labels)
-    if name == "qwen2" and accuracy <= 0.5:  # measured 0.325: on this random tiny Qwen2 most prompts go to "math"
-        pytest.xfail(f"router quality on the random tiny Qwen2 (not layer support): accuracy {accuracy:.3f}")
     assert accuracy > 0.5, (name, accuracy)  # the router separates the tasks on this backbone's hidden states
 
 
