@@ -12,6 +12,9 @@ import openai
 import pytest
 from serving_bundle import load_bundle, reference_completion
 
+from ariadne_hf.serving.ray_environment import prepare_local_ray_environment
+
+prepare_local_ray_environment()  # before Ray's first import in this process (a local instance on 127.0.0.1)
 pytest.importorskip("ray.serve")
 
 pytestmark = pytest.mark.slow
@@ -32,6 +35,14 @@ def ray_server(serving_bundle_dir):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_local_ray_instance_listens_on_loopback_only(ray_server):
+    import ray
+
+    assert ray.util.get_node_ip_address() == "127.0.0.1"
+    assert ray.get_runtime_context().gcs_address.startswith("127.0.0.1:")
+    assert ray_server.startswith("http://127.0.0.1:")
 
 
 def api(url) -> openai.OpenAI:

@@ -17,16 +17,21 @@ load from the memory-mapped file: milliseconds for a rank-8 adapter).
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
-
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from ray import serve
+import warnings
 
 from ..lora.residency import ResidencyError
 from .engine import forced_adapter, request_prompts, route_id_lists
 from .openai_params import IGNORED_HEADER, ignored_fields
 from .prompts import pad_id_of, text_ids
 from .protocol import ADAPTER_HEADER, ChatRequest, CompletionRequest, OpenAIError, public_name
+from .ray_environment import DEPLOYMENT_HEALTH_CHECK, LOOPBACK_HOSTS, prepare_local_ray_environment
+
+prepare_local_ray_environment()  # before Ray's first import: a local instance binds to 127.0.0.1 (ray_environment.py)
+
+from fastapi.responses import JSONResponse, Response, StreamingResponse  # noqa: E402
+from ray import serve  # noqa: E402
 
 REPLICA_HEADER = "x-ariadne-replica"
 WARM_HEADER = "x-ariadne-warm"  # "1" when the replica already held the adapter before the request
@@ -38,7 +43,7 @@ def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: in
     """The generation deployment (a class built here so K reaches `serve.multiplexed` at definition time)."""
 
     @serve.deployment(name="AriadneGenerator", num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus},
-                      max_ongoing_requests=4 * max_batch_size)
+                      max_ongoing_requests=4 * max_batch_size, **DEPLOYMENT_HEALTH_CHECK)
     class Generator:
         def __init__(self):
             from ..modeling_ariadne import AriadneRoutedModel
@@ -186,7 +191,8 @@ def build_ray_app(bundle: str, *, replicas: int = 2, adapters_per_replica: int =
                                      max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
                                      default_max_tokens=default_max_tokens, num_cpus=num_cpus)
 
-    @serve.deployment(name="AriadneIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
+    @serve.deployment(name="AriadneIngress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000,
+                      **DEPLOYMENT_HEALTH_CHECK)
     @serve.ingress()
     class Ingress:
         def __init__(self, generator_handle):
@@ -199,11 +205,21 @@ def build_ray_app(bundle: str, *, replicas: int = 2, adapters_per_replica: int =
 
 
 def start_ray(bundle: str, *, host: str = "127.0.0.1", port: int = 8000, num_cpus: int | None = None, **options):
-    """Start (or join) a local Ray instance and Serve on host:port, and deploy the bundle. Returns the base URL."""
+    """Start (or join) a local Ray instance and Serve on host:port, and deploy the bundle. Returns the base URL.
+
+    A Ray instance started here listens on 127.0.0.1 only (ray_environment.py; Serve's HTTP proxy on `host`); when
+    Ray was imported before ariadne_hf.serving.ray_app and chose the network address, a warning says how to fix it.
+    """
     import ray
 
     if not ray.is_initialized():
+        prepare_local_ray_environment()
         ray.init(num_cpus=num_cpus, include_dashboard=False, configure_logging=False)
+        node = ray.util.get_node_ip_address()
+        if node not in LOOPBACK_HOSTS and not os.environ.get("RAY_ADDRESS"):
+            warnings.warn(f"the local Ray instance listens on {node}, not on loopback: Ray was imported before "
+                          "ariadne_hf.serving.ray_app. Set RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in the environment "
+                          "(or import ariadne_hf.serving.ray_app first) to keep it on 127.0.0.1.", stacklevel=2)
     serve.start(http_options={"host": host, "port": port})
     serve.run(build_ray_app(bundle, **options), name="ariadne", route_prefix="/")
     return f"http://{host}:{port}"
