@@ -130,7 +130,7 @@ def test_lora_on_an_embedding_layer_is_refused_when_building(tiny_assets, tmp_pa
         _build(tiny_assets, {"emb": embedding})
 
 
-def test_lora_bias_and_modules_to_save_are_refused_naming_the_feature(tiny_assets, tmp_path):
+def test_lora_bias_modules_to_save_and_dora_are_refused_naming_the_feature(tiny_assets, tmp_path):
     bias = _save_peft_adapter(tiny_assets["backbone"], tmp_path / "bias", seed=6, r=2, target_modules=["q_proj"],
                               lora_bias=True)
     with pytest.raises(AdapterError, match="lora_bias"):
@@ -139,6 +139,10 @@ def test_lora_bias_and_modules_to_save_are_refused_naming_the_feature(tiny_asset
                                modules_to_save=["lm_head"])
     with pytest.raises(AdapterError, match="modules_to_save"):
         _build(tiny_assets, {"mts": saved})
+    dora = _save_peft_adapter(tiny_assets["backbone"], tmp_path / "dora", seed=8, r=2, target_modules=["q_proj"],
+                              use_dora=True)
+    with pytest.raises(AdapterError, match="DoRA"):
+        _build(tiny_assets, {"dora": dora})
 
 
 def _tensors(path):
