@@ -175,7 +175,7 @@ def test_saved_adapters_are_bit_identical_whether_copied_or_written_from_the_lay
     (9, 1, False, "dense", False),  # decode, G*k > max(A, 16): all adapters' shrink, masked
 ])
 def test_mixture_layer_equals_the_kernel_specification(rows, tokens, per_token, strategy, cached):
-    """Every torch MIXTURE strategy computes exactly reference.mixture_lora_ref (the Triton kernel's spec)."""
+    """Every torch MIXTURE strategy of the layer computes kernels.mixture_torch.mixture_lora_ref (the specification)."""
     from torch import nn
 
     from ariadne_hf.kernels.mixture_torch import mixture_lora_ref

@@ -167,17 +167,37 @@ def incremental_pool_distance(
     return incremental_pool_distance_ref(*args, **kwargs)
 
 
-def mixture_lora(x, lora_A, lora_B, scaling, topk_indices, topk_weights, *, backend=None):
+def mixture_lora(x, lora_A, lora_B, scaling, topk_indices, topk_weights, *, backend=None, checked: bool = True):
     """Weighted multi-LoRA delta: delta[n] = sum_j w[n,j] * scaling[i] * B_i (A_i x[n]), i = idx[n,j] (-1 = none).
 
     ``x`` [N, IN], ``lora_A`` [A, R, IN], ``lora_B`` [A, OUT, R], ``scaling`` [A], ``topk_indices`` [N, k]
     int64, ``topk_weights`` [N, k]. Returns delta [N, OUT] in x's dtype, fp32 accumulation. Exact rules:
-    ``mixture_torch.mixture_lora_ref``; backend rules as above.
+    ``mixture_torch.mixture_lora_ref``; backend rules as above. ``checked=False`` skips the Triton path's argument
+    checks (for callers that built the arguments themselves, as the routed LoRA layers do every step); the torch
+    specification always checks.
     """
     args = (x, lora_A, lora_B, scaling, topk_indices, topk_weights)
     if resolve_backend(x.device, backend, op="mixture_lora") == "triton":
-        return _triton_module("mixture_triton").mixture_lora_triton(*args)
+        return mixture_lora_kernel("triton")(*args, checked=checked)
     return mixture_lora_ref(*args)
+
+
+def _mixture_lora_ref_unchecked_flag(*args, checked: bool = True):
+    return mixture_lora_ref(*args)
+
+
+def mixture_lora_kernel(resolved_backend: str):
+    """The `mixture_lora` implementation of a backend already resolved by `resolve_backend` (no per-call checks).
+
+    For callers that resolve once and call every step (the routed LoRA layers: their bank resolves the backend
+    when it is built). A dictionary lookup, not a cache: the function is looked up in its module on every call. "triton" -> ``mixture_triton.mixture_lora_triton`` (keyword ``checked``), "torch" -> the
+    specification ``mixture_lora_ref`` wrapped to accept and ignore ``checked``.
+    """
+    if resolved_backend == "triton":
+        return _triton_module("mixture_triton").mixture_lora_triton
+    if resolved_backend == "torch":
+        return _mixture_lora_ref_unchecked_flag
+    raise ValueError(f"resolved_backend must be one of {BACKENDS}, got {resolved_backend!r}")
 
 
 __all__ = [
@@ -189,6 +209,7 @@ __all__ = [
     "incremental_pool_distance",
     "incremental_pool_distance_ref",
     "mixture_lora",
+    "mixture_lora_kernel",
     "mixture_lora_ref",
     "pool_embeddings_ref",
     "resolve_backend",

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import mixture_lora_kernel
 from .gate import MIXTURE, SINGLE
 
 try:  # transformers' GPT-2-style layer: weight [IN, OUT], y = x @ W + b (PEFT wraps it with fan_in_fan_out=True)
@@ -108,12 +109,10 @@ class RoutedLoraLinear(nn.Module):
         """sum_j coef[g, j] * B_a (A_a x) for every token; x [..., IN] -> [..., OUT]."""
         lora_a, lora_b = self.lora_A, self.lora_B  # [A, R, IN], [A, OUT, R]
         x = x if x.dtype == lora_a.dtype else x.to(lora_a.dtype)
-        if gate.backend == "triton":
-            from ..kernels.mixture_triton import mixture_lora_triton
-
+        if gate.backend == "triton":  # the fused kernel, through the kernels dispatcher
             flat = x.reshape(-1, self.in_features)  # [N, IN]
-            delta = mixture_lora_triton(flat, lora_a, lora_b, self.scaling, gate.raw_indices, gate.weights,
-                                        checked=False)  # [N, OUT]
+            delta = mixture_lora_kernel("triton")(flat, lora_a, lora_b, self.scaling, gate.raw_indices,
+                                                  gate.weights, checked=False)  # [N, OUT]
             return delta.view(*x.shape[:-1], self.out_features)
         if gate.strategy == "dense":
             return self._dense_delta(x, gate)
