@@ -9,7 +9,7 @@ from tiny_models import FAMILY_TARGETS, build_family_assets, make_tokenizer
 from transformers import AutoModelForCausalLM, pipeline
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.bundle.adapters import AdapterError
+from ariadne_hf.bundle.errors import AdapterError
 
 GREEDY = {"max_new_tokens": 4, "do_sample": False}
 

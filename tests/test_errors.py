@@ -209,18 +209,17 @@ def test_one_error_hierarchy_for_bundles():
     import pickle
 
     import ariadne_hf
-    from ariadne_hf.bundle import adapters, errors, hub, local_io
+    from ariadne_hf.bundle import errors
 
     classes = {c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, BaseException)}
     assert len(classes) == 9 and all(issubclass(c, BundleError) and issubclass(c, ValueError) for c in classes)
     files_family = [errors.BundleNotFoundError, errors.BundleRevisionNotFoundError, errors.BundleNotCachedError,
                     errors.NotABundleError, errors.UnsafeBundleError, errors.IncompleteBundleError]
     for cls in files_family:
-        assert issubclass(cls, errors.BundleHubError) and issubclass(cls, OSError), cls
-        assert getattr(hub, cls.__name__) is cls
+        assert issubclass(cls, errors.BundleFilesError) and issubclass(cls, OSError), cls
         error = pickle.loads(pickle.dumps(cls("Bundle x: message")))  # crosses processes (Ray) intact
         assert type(error) is cls and str(error) == "Bundle x: message"
-    assert errors.BundleHubError is errors.BundleFilesError is hub.BundleHubError
+    assert errors.BundleFilesError is ariadne_hf.BundleFilesError
     assert not issubclass(BundleError, OSError) and not issubclass(AdapterError, OSError)
-    assert BundleError is ariadne_hf.BundleError is local_io.BundleError is errors.BundleError
-    assert AdapterError is ariadne_hf.AdapterError is adapters.AdapterError is errors.AdapterError
+    assert BundleError is ariadne_hf.BundleError is errors.BundleError
+    assert AdapterError is ariadne_hf.AdapterError is errors.AdapterError

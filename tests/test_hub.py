@@ -17,19 +17,16 @@ from hub_server import HubServer, use_hub
 from safetensors.torch import save_file
 
 from ariadne_hf import AriadneConfig
-from ariadne_hf.bundle.hub import (
+from ariadne_hf.bundle.errors import (
     BundleNotCachedError,
     BundleNotFoundError,
     BundleRevisionNotFoundError,
     IncompleteBundleError,
     NotABundleError,
     UnsafeBundleError,
-    list_local_files,
-    pull_bundle,
-    push_bundle,
-    push_bundle_dir,
-    resolve_bundle,
 )
+from ariadne_hf.bundle.hub import pull_bundle, push_bundle, push_bundle_dir, resolve_bundle
+from ariadne_hf.bundle.layout import list_local_files
 
 
 @pytest.fixture(scope="module")

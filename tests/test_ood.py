@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.bundle.local_io import BundleError
+from ariadne_hf.bundle.errors import BundleError
 from ariadne_hf.constants import ROUTER_OOD_STATS, ROUTER_TOKEN_COUNTS, ROUTER_WEIGHTS_NAME
 from ariadne_hf.routing.calibration import (
     auroc,

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
-from ariadne_hf.bundle.adapters import AdapterError
+from ariadne_hf.bundle.errors import AdapterError
 from ariadne_hf.call_planning import sequence_plan
 from ariadne_hf.lora import RoutedLoraLinear, use_plan
 from ariadne_hf.lora.gate import BASE, MIXTURE, SINGLE

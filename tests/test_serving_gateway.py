@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from ariadne_hf.bundle.local_io import BundleError
+from ariadne_hf.bundle.errors import BundleError
 from ariadne_hf.serving.app import LocalBackend, create_app
 from ariadne_hf.serving.launch import build_gateway_app
 from ariadne_hf.serving.routing_only import load_routing_only, read_input_embeddings

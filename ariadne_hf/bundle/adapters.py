@@ -13,8 +13,7 @@ from ..constants import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, PICKLED_WEIGH
 from .errors import AdapterError
 from .layout import is_pickled_weights
 
-__all__ = ["AdapterError", "adapter_summary", "check_adapter_dir", "declared_base", "file_sha256",
-           "resolve_adapter_dir"]  # AdapterError is defined in errors.py, re-exported here
+__all__ = ["adapter_summary", "check_adapter_dir", "declared_base", "file_sha256", "resolve_adapter_dir"]
 
 
 def file_sha256(path: str) -> str:

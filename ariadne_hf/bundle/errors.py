@@ -2,7 +2,7 @@
 
     BundleError(ValueError)                    every bundle problem (corrupt, mismatched or unusable)
     ├── AdapterError                           an adapter folder cannot be used (not LoRA, DoRA, pickles, ...)
-    └── BundleFilesError(BundleError, OSError) the files cannot be found, fetched or used (alias: BundleHubError)
+    └── BundleFilesError(BundleError, OSError) the files cannot be found, fetched or used
         ├── BundleNotFoundError                no such repo (or private/gated without a valid token)
         ├── BundleRevisionNotFoundError        no such branch, tag or commit
         ├── BundleNotCachedError               offline and not (completely) in the local cache
@@ -30,7 +30,6 @@ class BundleFilesError(BundleError, OSError):
     """The bundle's files cannot be found, fetched or used (a folder or a Hub repo); an OSError as well."""
 
 
-BundleHubError = BundleFilesError
 """The name this family had when only the Hub paths raised it (a bundle could not be pushed or pulled)."""
 
 

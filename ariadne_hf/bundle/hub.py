@@ -36,13 +36,10 @@ from ..constants import (
     REPO_ID_PLACEHOLDER,
 )
 from .errors import (
-    BundleHubError,
     BundleNotCachedError,
     BundleNotFoundError,
     BundleRevisionNotFoundError,
     IncompleteBundleError,
-    NotABundleError,
-    UnsafeBundleError,
 )
 from .layout import (
     FIX_PUSH_AGAIN,
@@ -50,17 +47,11 @@ from .layout import (
     check_bundle_folder,
     is_bundle_file,
     is_owned_by_bundle,
-    is_pickle_file,
     list_local_files,
     read_bundle_config,
 )
 
-__all__ = [  # the errors (errors.py) and layout functions (layout.py) this module defined before are re-exported
-    "BundleHubError", "BundleNotCachedError", "BundleNotFoundError", "BundleRevisionNotFoundError",
-    "IncompleteBundleError", "NotABundleError", "UnsafeBundleError", "check_bundle_files", "check_local_bundle",
-    "is_bundle_file", "is_pickle_file", "list_local_files", "pull_bundle", "push_bundle", "push_bundle_dir",
-    "read_bundle_config", "resolve_bundle",
-]
+__all__ = ["check_local_bundle", "pull_bundle", "push_bundle", "push_bundle_dir", "resolve_bundle"]
 
 logger = logging.getLogger(__name__)
 
@@ -174,7 +165,7 @@ def resolve_bundle(
     the config lists, base/ when the backbone is stored there, and README.md + images/ if `include_card`) at the
     commit `revision` (default: main) points to, into the HF cache. Offline (`local_files_only` or HF_HUB_OFFLINE)
     it uses the cache only. Guarantees: the returned folder is an ariadne bundle with every file its config
-    requires, all weights safetensors; otherwise a `BundleFilesError` (alias `BundleHubError`) subclass names the
+    requires, all weights safetensors; otherwise a `BundleFilesError` subclass names the
     repo/revision/file and the fix (repo missing, revision missing, not a bundle, pickled weights, incomplete, not
     cached).
     """
@@ -312,7 +303,7 @@ def _check_repo_id(name: str) -> None:
 
 @contextlib.contextmanager
 def _hub_errors(repo_id: str, revision: str | None) -> Iterator[None]:
-    """Translate huggingface_hub errors into BundleHubError subclasses with the fix in the message."""
+    """Translate huggingface_hub errors into BundleFilesError subclasses with the fix in the message."""
     from huggingface_hub.errors import (
         GatedRepoError,
         IncompleteSnapshotError,

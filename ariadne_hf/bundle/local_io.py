@@ -35,8 +35,8 @@ from .adapters import check_adapter_dir, file_sha256
 from .errors import AdapterError, BundleError
 from .layout import FIX_SAVE_AGAIN, check_bundle_folder
 
-__all__ = [  # BundleError is defined in errors.py, re-exported here (callers import it from this module)
-    "BundleError", "backbone_state_dict", "check_backbone_matches", "load_backbone_for_build", "load_bundle",
+__all__ = [
+    "backbone_state_dict", "check_backbone_matches", "load_backbone_for_build", "load_bundle",
     "pin_backbone", "read_bundle", "resolve_bundle_directory", "write_bundle",
 ]
 

@@ -22,7 +22,8 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ..bundle.adapters import AdapterError, check_adapter_dir, declared_base
+from ..bundle.adapters import check_adapter_dir, declared_base
+from ..bundle.errors import AdapterError
 from ..constants import ADAPTER_WEIGHTS_NAME
 from .layer import base_features
 
