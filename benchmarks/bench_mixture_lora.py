@@ -24,7 +24,7 @@ from torch import nn
 
 from ariadne_hf.lora.gate import GateFactory
 from ariadne_hf.lora.layer import RoutedLoraLinear
-from ariadne_hf.lora.plans import use_plan
+from ariadne_hf.lora.plans import FixedGatePlan, use_plan
 
 
 def sync(device: torch.device) -> None:
@@ -64,13 +64,6 @@ def make_case(groups, tokens, k, adapters, rank, features, dtype, device, seed=0
     idx = torch.stack([torch.randperm(adapters, generator=g)[:k] for _ in range(groups)])  # [G, k]
     weights = torch.softmax(torch.randn(groups, k, generator=g), dim=-1)  # [G, k]
     return [t.to(device) for t in (x, lora_a, lora_b, scaling, idx, weights)]
-
-
-class GatePlan:
-    """The smallest LoRA plan: one gate for every forward (what a call's plan hands the layers each step)."""
-
-    def __init__(self, gate):
-        self.gate = gate
 
 
 def routed_layer(base: nn.Linear, lora_a, lora_b, scaling) -> RoutedLoraLinear:
@@ -116,7 +109,7 @@ def main() -> None:
                         return layer(x)
 
                 with torch.no_grad():
-                    torch_plan = GatePlan(GateFactory([scaling], "torch").mixture(idx, weights, tokens=tokens))
+                    torch_plan = FixedGatePlan(GateFactory([scaling], "torch").mixture(idx, weights, tokens=tokens))
                     strategy = torch_plan.gate.strategy + ("*" if torch_plan.gate.cache_gathered else "")
                     ours_s = best_time(lambda p=torch_plan: ours(p), device, args.repeats)
                     naive_s = best_time(naive, device, args.repeats)
@@ -124,7 +117,7 @@ def main() -> None:
                     line = (f"{str(dtype).split('.')[-1]:9} {groups:3d} {tokens:4d} {k:2d} {strategy:>8} "
                             f"{naive_s * 1e3:9.3f} {ours_s * 1e3:9.3f} {naive_s / ours_s:10.2f}")
                     if has_triton:
-                        triton_plan = GatePlan(GateFactory([scaling], "triton").mixture(idx, weights, tokens=tokens))
+                        triton_plan = FixedGatePlan(GateFactory([scaling], "triton").mixture(idx, weights, tokens=tokens))
                         tri = best_time(lambda p=triton_plan: ours(p), device, args.repeats)
                         line += f" {tri * 1e3:9.3f} {ours_s / tri:12.2f}"
                 if float(err) > (1e-2 if dtype == torch.float32 else 1.0):

@@ -180,6 +180,7 @@ def test_mixture_layer_equals_the_kernel_specification(rows, tokens, per_token, 
 
     from ariadne_hf.kernels.mixture_torch import mixture_lora_ref
     from ariadne_hf.lora.gate import GateFactory
+    from ariadne_hf.lora.plans import FixedGatePlan
 
     torch.manual_seed(0)
     adapters, rank = 5, 4
@@ -193,11 +194,7 @@ def test_mixture_layer_equals_the_kernel_specification(rows, tokens, per_token, 
     gate = GateFactory([layer.scaling]).mixture(indices, weights, tokens=tokens, per_token=per_token)
     assert (gate.strategy, gate.cache_gathered) == (strategy, cached)
 
-    class Plan:
-        pass
-
-    plan = Plan()
-    plan.gate = gate
+    plan = FixedGatePlan(gate)
     x = torch.randn(rows, tokens, 24)
     with use_plan(plan):
         ours = layer(x) - layer.base_layer(x)
@@ -244,3 +241,24 @@ def test_lm_head_adapter_round_trips_when_written_from_the_layers(tiny_assets, t
     original, written = _tensors(source), _tensors(tmp_path / "second" / "adapters" / "head")
     assert written.keys() == original.keys()
     assert all(torch.equal(written[k], original[k]) for k in original)
+
+
+def test_plans_follow_the_plan_protocol_and_the_hook_writes_nothing_on_the_backbone(tiny_model):
+    from ariadne_hf.lora.gate import BASE_GATE
+    from ariadne_hf.lora.plans import FixedGatePlan, LoraPlan, install_pregate_hook
+
+    assert isinstance(sequence_plan(tiny_model, [0, 1]), LoraPlan) and isinstance(FixedGatePlan(BASE_GATE), LoraPlan)
+    before = set(vars(tiny_model.backbone))
+    handle = install_pregate_hook(tiny_model.backbone)
+    assert install_pregate_hook(tiny_model.backbone) is handle  # idempotent: one hook per backbone
+    assert set(vars(tiny_model.backbone)) == before
+
+    class CountingPlan(FixedGatePlan):
+        calls = 0
+
+        def begin_forward(self, input_ids, rows, tokens):
+            CountingPlan.calls += 1
+
+    with use_plan(CountingPlan(BASE_GATE)), torch.no_grad():
+        tiny_model.backbone(input_ids=torch.tensor([[1, 2, 3]]))
+    assert CountingPlan.calls == 1  # one pre-gating hook per backbone, however often it was installed

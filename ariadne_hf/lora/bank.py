@@ -64,13 +64,7 @@ class LoraBank:
     def memory_bytes(self) -> int:
         """Bytes allocated for every routed layer's stacked LoRA buffers (the adapters' run-time memory,
         including the headroom reserved by add_adapter)."""
-        total = 0
-        for layer in self.layers.values():
-            spare = getattr(layer, "_spare", None)
-            live = spare if spare is not None and spare[0].data_ptr() == layer.lora_A.data_ptr() else (
-                layer.lora_A, layer.lora_B, layer.scaling)
-            total += sum(t.numel() * t.element_size() for t in live)
-        return total
+        return sum(layer.stack_bytes() for layer in self.layers.values())
 
     @property
     def stats(self) -> ResidencyStats:
@@ -131,7 +125,7 @@ class LoraBank:
         for module_name in wrapped:
             self._wrap(module_name)
         for module_name, layer in self.layers.items():
-            _grow(layer, total, max(layer.lora_A.shape[1], new_ranks.get(module_name, 0)))
+            layer.resize_stacks(total, max(layer.lora_A.shape[1], new_ranks.get(module_name, 0)), headroom=HEADROOM)
         self.layouts.extend(layouts)
         for offset, slot in enumerate(targets):
             if slot >= 0:
@@ -152,13 +146,7 @@ class LoraBank:
             self._refresh_groups()
             return
         for layer in self.layers.values():
-            keep = [i for i in range(len(layer.ranks)) if i != index]
-            keep_t = torch.tensor(keep, dtype=torch.int64, device=layer.lora_A.device)
-            layer._spare = None
-            layer.lora_A = layer.lora_A.index_select(0, keep_t)
-            layer.lora_B = layer.lora_B.index_select(0, keep_t)
-            layer.scaling = layer.scaling.index_select(0, keep_t)
-            del layer.ranks[index], layer.scalings[index]
+            layer.remove_rows(index)
         self._refresh_groups()
 
     def export(self, name: str, directory: str, base_model_name_or_path: str | None) -> tuple[str, bool]:
@@ -175,9 +163,7 @@ class LoraBank:
         tensors = {key: self.backbone.get_parameter(_base_name(self.layers, parameter))
                    for key, parameter in layout.base_copies.items()}
         for module_name, module in layout.modules.items():
-            layer = self.layers[module_name]
-            tensors[module.key_a] = layer.lora_A[slot, : module.rank]
-            tensors[module.key_b] = layer.lora_B[slot, :, : module.rank]
+            tensors[module.key_a], tensors[module.key_b] = self.layers[module_name].slot_weights(slot, module.rank)
         return write_adapter(layout, directory, base_model_name_or_path, tensors)
 
     # ---- internals -------------------------------------------------------------------------------------------
@@ -189,33 +175,21 @@ class LoraBank:
         layout = self.layouts[adapter]
         if not fresh:
             self._clear_slot(slot)
-        with torch.no_grad():
-            for module_name, weight_a, weight_b in read_module_weights(layout):
-                layer, rank = self.layers[module_name], weight_a.shape[0]
-                layer.lora_A[slot, :rank].copy_(weight_a)
-                layer.lora_B[slot, :, :rank].copy_(weight_b)
-                layer.ranks[slot] = rank
-                layer.scalings[slot] = layout.modules[module_name].scaling
-                layer.scaling[slot] = layout.modules[module_name].scaling
+        for module_name, weight_a, weight_b in read_module_weights(layout):
+            self.layers[module_name].fill_slot(slot, weight_a, weight_b, layout.modules[module_name].scaling)
         if on_demand:
             self.slots.stats.loads += 1
             self.slots.stats.bytes_loaded += layout.num_bytes
 
     def _clear_slot(self, slot: int) -> None:
-        with torch.no_grad():
-            for layer in self.layers.values():
-                layer.lora_A[slot].zero_()
-                layer.lora_B[slot].zero_()
-                layer.scaling[slot] = 0.0
-                layer.ranks[slot], layer.scalings[slot] = 0, 0.0
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
 
     def _wrap(self, module_name: str) -> None:
         parent_name, _, child = module_name.rpartition(".")
         parent = self.backbone.get_submodule(parent_name) if parent_name else self.backbone
         layer = RoutedLoraLinear(getattr(parent, child), module_name)
-        count = len(self.layouts)
-        layer.ranks, layer.scalings = [0] * count, [0.0] * count
-        _grow(layer, count, 0)
+        layer.resize_stacks(len(self.layouts), 0)
         setattr(parent, child, layer)
         self.layers[module_name] = layer
 
@@ -245,37 +219,8 @@ class LoraBank:
 
 HEADROOM = 1.25
 """When stacks must grow by fewer adapters than they hold (add_adapter), they are reallocated with this factor of
-headroom, so a sequence of add_adapter calls copies each adapter O(1) times (amortised), as a list append does."""
-
-
-def _grow(layer: RoutedLoraLinear, adapters: int, rank: int) -> None:
-    """Resize a layer's stacks to [adapters, rank, ...], keeping existing rows (zero padding elsewhere).
-
-    Growing the adapter count within the reserved capacity (same rank, same device and dtype) only re-slices the
-    buffers: O(1). Otherwise the stacks are reallocated: exactly `adapters` rows for a first (bulk) fill, with
-    `HEADROOM` when adapters are added to a non-empty bank."""
-    old_a, old_b, old_s = layer.lora_A, layer.lora_B, layer.scaling  # [A0, R0, IN], [A0, OUT, R0], [A0]
-    count, old_rank = old_a.shape[0], old_a.shape[1]
-    if (count, old_rank) == (adapters, rank):
-        return
-    spare = getattr(layer, "_spare", None)  # (A, B, scaling) storage with capacity, or None
-    in_place = spare is not None and rank == old_rank and adapters <= spare[0].shape[0] and all(
-        stored.data_ptr() == live.data_ptr() and stored.dtype == live.dtype  # not moved by .to() since
-        for stored, live in zip(spare, (old_a, old_b, old_s), strict=True))
-    if in_place:
-        layer.lora_A, layer.lora_B, layer.scaling = (t[:adapters] for t in spare)
-    else:
-        capacity = adapters if count == 0 or adapters - count >= count else max(adapters, int(count * HEADROOM) + 1)
-        new_a = old_a.new_zeros(capacity, rank, layer.in_features)  # [C, R, IN]
-        new_b = old_b.new_zeros(capacity, layer.out_features, rank)  # [C, OUT, R]
-        new_s = old_s.new_zeros(capacity)  # [C]
-        new_a[:count, :old_rank] = old_a
-        new_b[:count, :, :old_rank] = old_b
-        new_s[:count] = old_s
-        layer._spare = (new_a, new_b, new_s) if capacity > adapters else None
-        layer.lora_A, layer.lora_B, layer.scaling = new_a[:adapters], new_b[:adapters], new_s[:adapters]
-    layer.ranks.extend([0] * (adapters - len(layer.ranks)))
-    layer.scalings.extend([0.0] * (adapters - len(layer.scalings)))
+headroom (`RoutedLoraLinear.resize_stacks`), so a sequence of add_adapter calls copies each adapter O(1) times
+(amortised), as a list append does."""
 
 
 def _base_name(layers: dict[str, RoutedLoraLinear], parameter: str) -> str:

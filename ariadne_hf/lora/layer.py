@@ -8,14 +8,13 @@ per-step metadata is a `LoraGate` built once per forward pass by the call's plan
 
 from __future__ import annotations
 
-import contextvars
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import mixture_lora_kernel
 from .gate import MIXTURE, SINGLE
+from .plans import ACTIVE_PLAN
 
 try:  # transformers' GPT-2-style layer: weight [IN, OUT], y = x @ W + b (PEFT wraps it with fan_in_fan_out=True)
     from transformers.pytorch_utils import Conv1D
@@ -36,10 +35,6 @@ def base_features(layer: nn.Module) -> tuple[int, int] | None:
         return layer.nx, layer.nf
     return None
 
-ACTIVE_PLAN: contextvars.ContextVar = contextvars.ContextVar("ariadne_lora_plan", default=None)
-"""The LoRA plan of the current call (`ariadne_hf.lora.plans`); None = the plain backbone. One per context, so
-concurrent calls on one model (threads) never see each other's routes."""
-
 
 class RoutedLoraLinear(nn.Module):
     """``base_layer(x) + sum_j coef[g, j] * B_a (A_a x)`` with the adapters and coefficients of the active gate.
@@ -48,7 +43,9 @@ class RoutedLoraLinear(nn.Module):
     of the backbone's state dict): ``lora_A`` [A, R, IN], ``lora_B`` [A, OUT, R] (ranks zero-padded to R, the
     largest rank on this layer; an adapter that does not target this layer has zero rows), ``scaling`` [A] fp32.
     Host metadata: ``ranks[a]`` (0 = adapter a does not target this layer), ``scalings[a]`` (python floats),
-    ``scaling_group`` (index of this layer's scaling vector in the bank's `GateFactory`).
+    ``scaling_group`` (index of this layer's scaling vector in the bank's `GateFactory`, set by the bank).
+    The layer owns its stacks: `resize_stacks`, `fill_slot`, `clear_slot`, `remove_rows` and `slot_weights` are
+    the only ways the bank (`lora/bank.py`) changes or reads them.
 
     Guarantees: with no active plan the output is exactly ``base_layer(x)``; with a SINGLE gate on adapter a it
     is exactly PEFT's ``base(x) + lora_B(lora_A(x)) * scaling`` (same operations in the same order).
@@ -73,6 +70,7 @@ class RoutedLoraLinear(nn.Module):
         self.ranks: list[int] = []
         self.scalings: list[float] = []
         self.scaling_group = 0
+        self._capacity: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # storage with headroom
 
     @property
     def weight(self) -> torch.Tensor:
@@ -86,6 +84,77 @@ class RoutedLoraLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.module_name}: adapters={len(self.ranks)}, rank={self.lora_A.shape[1]}"
 
+    # ---- the stacks (called by the bank) --------------------------------------------------------------------
+    def resize_stacks(self, adapters: int, rank: int, *, headroom: float = 1.0) -> None:
+        """Resize the stacks to [adapters, rank, ...], keeping existing rows (zero padding elsewhere).
+
+        Growing the adapter count within the reserved capacity (same rank, same device and dtype) only re-slices
+        the buffers: O(1). Otherwise they are reallocated: exactly `adapters` rows for a first (bulk) fill or a
+        growth at least doubling the count, else with `headroom` (> 1: a sequence of single additions copies each
+        adapter O(1) times, amortised, as a list append does). `ranks`/`scalings` grow with zeros."""
+        old_a, old_b, old_s = self.lora_A, self.lora_B, self.scaling  # [A0, R0, IN], [A0, OUT, R0], [A0]
+        count, old_rank = old_a.shape[0], old_a.shape[1]
+        if (count, old_rank) == (adapters, rank):
+            return
+        stored = self._capacity
+        in_place = stored is not None and rank == old_rank and adapters <= stored[0].shape[0] and all(
+            kept.data_ptr() == live.data_ptr() and kept.dtype == live.dtype  # not moved by .to() since
+            for kept, live in zip(stored, (old_a, old_b, old_s), strict=True))
+        if in_place:
+            self.lora_A, self.lora_B, self.scaling = (t[:adapters] for t in stored)
+        else:
+            grow_exact = count == 0 or adapters - count >= count
+            capacity = adapters if grow_exact else max(adapters, int(count * headroom) + 1)
+            new_a = old_a.new_zeros(capacity, rank, self.in_features)  # [C, R, IN]
+            new_b = old_b.new_zeros(capacity, self.out_features, rank)  # [C, OUT, R]
+            new_s = old_s.new_zeros(capacity)  # [C]
+            new_a[:count, :old_rank] = old_a
+            new_b[:count, :, :old_rank] = old_b
+            new_s[:count] = old_s
+            self._capacity = (new_a, new_b, new_s) if capacity > adapters else None
+            self.lora_A, self.lora_B, self.scaling = new_a[:adapters], new_b[:adapters], new_s[:adapters]
+        self.ranks.extend([0] * (adapters - len(self.ranks)))
+        self.scalings.extend([0.0] * (adapters - len(self.scalings)))
+
+    @torch.no_grad()
+    def fill_slot(self, slot: int, weight_a: torch.Tensor, weight_b: torch.Tensor, scaling: float) -> None:
+        """Copy one adapter's A [r, IN] and B [OUT, r] (r <= the stacks' rank) into `slot`, with its scaling."""
+        rank = weight_a.shape[0]
+        self.lora_A[slot, :rank].copy_(weight_a)
+        self.lora_B[slot, :, :rank].copy_(weight_b)
+        self.ranks[slot], self.scalings[slot] = rank, scaling
+        self.scaling[slot] = scaling
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot`: it adds nothing until filled again."""
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scaling[slot] = 0.0
+        self.ranks[slot], self.scalings[slot] = 0, 0.0
+
+    def remove_rows(self, index: int) -> None:
+        """Drop row `index` of the stacks; the rows after it move up by one (their order is kept)."""
+        keep = torch.tensor([i for i in range(len(self.ranks)) if i != index], dtype=torch.int64,
+                            device=self.lora_A.device)
+        self._capacity = None
+        self.lora_A = self.lora_A.index_select(0, keep)
+        self.lora_B = self.lora_B.index_select(0, keep)
+        self.scaling = self.scaling.index_select(0, keep)
+        del self.ranks[index], self.scalings[index]
+
+    def slot_weights(self, slot: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of `slot`'s A [rank, IN] and B [OUT, rank] (the adapter's own rank, padding cut)."""
+        return self.lora_A[slot, :rank], self.lora_B[slot, :, :rank]
+
+    def stack_bytes(self) -> int:
+        """Bytes allocated for this layer's stacks, including capacity reserved for future adapters."""
+        stored = self._capacity
+        live = stored if stored is not None and stored[0].data_ptr() == self.lora_A.data_ptr() else (
+            self.lora_A, self.lora_B, self.scaling)
+        return sum(t.numel() * t.element_size() for t in live)
+
+    # ---- forward ------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base_layer(x)
         plan = ACTIVE_PLAN.get()
