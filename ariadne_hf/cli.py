@@ -6,6 +6,10 @@ import argparse
 import json
 import sys
 
+from .configuration_ariadne import GENERATION_STRATEGIES, ROUTING_GRANULARITIES, WHITENINGS
+from .evaluation.task_metrics import METRICS
+from .kernels.checks import DISTANCES
+
 
 def _pairs(values: list[str], what: str) -> dict[str, str]:
     result = {}
@@ -209,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--heldout", action="append", metavar="NAME=FILE", help="held-out prompts (for the card)")
     build.add_argument("--out", required=True, help="bundle folder to write")
     build.add_argument("--num-centroids", type=int, default=1, help="centroids per adapter (default 1)")
-    build.add_argument("--distance", choices=["cosine", "l2"], default="cosine")
+    build.add_argument("--distance", choices=DISTANCES, default="cosine")
     build.add_argument("--no-center", action="store_true", help="do not subtract the mean prompt embedding")
-    build.add_argument("--whitening", choices=["within", "none"], default="within",
+    build.add_argument("--whitening", choices=WHITENINGS, default="within",
                        help="whiten with the shrunk within-adapter covariance before scoring (default: within)")
     build.add_argument("--reject-threshold", type=float, default=None)
     build.add_argument("--seed", type=int, default=0)
@@ -233,7 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("--json", action="store_true")
         else:
             command.add_argument("--max-new-tokens", type=int, default=32)
-            command.add_argument("--strategy", choices=["batched", "grouped"], default=None)
+            command.add_argument("--strategy", choices=GENERATION_STRATEGIES, default=None)
             command.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
 
     info = sub.add_parser("info", help="describe a bundle without loading the backbone")
@@ -257,13 +261,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--text-field", default="text")
     evaluate.add_argument("--task-field", default="task")
     evaluate.add_argument("--task-map", action="append", metavar="TASK=ADAPTER", help="task name -> adapter name")
-    evaluate.add_argument("--metric", choices=["exact_match", "multiple_choice"], default=None,
+    evaluate.add_argument("--metric", choices=METRICS, default=None,
                           help="also score answers (targets / choices+answer): routed vs oracle vs base")
     evaluate.add_argument("--max-per-task", type=int, default=None)
     evaluate.add_argument("--ood", default=None, metavar="OOD.jsonl",
                           help="prompts no adapter covers (text field only): AUROC, FPR at 95%% TPR, rejects at the "
                                "calibrated threshold, score histograms")
-    evaluate.add_argument("--routing", choices=["sequence", "token"], default="sequence",
+    evaluate.add_argument("--routing", choices=ROUTING_GRANULARITIES, default="sequence",
                           help="how the 'routed' task-score column is produced (token: adapters mixed)")
     evaluate.add_argument("--reroute-every", type=int, default=None, help="token routing: re-route every n tokens")
     evaluate.add_argument("--top-k", type=int, default=None, help="token routing: adapters mixed per row")

@@ -106,10 +106,10 @@ def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], m
     from tqdm.auto import tqdm
 
     from ..constants import BASE_ADAPTER
-    from .task_metrics import choice_hits, exact_match
+    from .task_metrics import METRICS, choice_hits, exact_match
 
-    if metric not in ("exact_match", "multiple_choice"):
-        raise ValueError(f"metric must be 'exact_match' or 'multiple_choice', got {metric!r}.")
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
     keep = [i for i, r in enumerate(rows) if metric == "exact_match" or "choices" in r]
     if not keep:
         raise ValueError(f"No row can be scored with {metric!r} (multiple choice needs 'choices' and 'answer').")

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 MAX_PROMPT_TOKENS = 384
+METRICS = ("exact_match", "multiple_choice")  # what evaluate_bundle(metric=...) and `ariadne eval --metric` offer
 
 
 def prompt_ids(tokenizer, text: str, max_prompt_tokens: int = MAX_PROMPT_TOKENS) -> list[int]:

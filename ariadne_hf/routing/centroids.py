@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..kernels.checks import DISTANCES
+
 DEFAULT_KMEANS_ITERATIONS = 50
 DEFAULT_NUM_CENTROIDS = 1
 """Centroids per adapter unless asked otherwise. With within-adapter whitening one centroid (the adapter mean,
@@ -60,8 +62,8 @@ def kmeans(
     """
     if points.ndim != 2 or points.shape[0] == 0:
         raise ValueError(f"kmeans needs a non-empty [N, D] matrix, got shape {tuple(points.shape)}.")
-    if distance not in ("cosine", "l2"):
-        raise ValueError(f"distance must be 'cosine' or 'l2', got {distance!r}.")
+    if distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
     x = points.detach().to(device="cpu", dtype=torch.float32)  # [N, D]
     if distance == "cosine":
         x = F.normalize(x, dim=-1)
