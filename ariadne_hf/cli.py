@@ -126,7 +126,8 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .evaluation.demo import run_demo
 
-    run_demo(args.out, examples_per_task=args.examples_per_task)
+    run_demo(args.out, examples_per_task=args.examples_per_task, questions_per_task=args.questions_per_task,
+             full=args.full)
     return 0
 
 
@@ -258,7 +259,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="build a bundle of the default backbone and demo adapters, route, report")
     demo.add_argument("--out", default="ariadne-demo", help="report folder (also holds the bundle)")
-    demo.add_argument("--examples-per-task", type=int, default=1)
+    demo.add_argument("--examples-per-task", type=int, default=1, help="sample answers per task (shortest prompts)")
+    scoring = demo.add_mutually_exclusive_group()
+    scoring.add_argument("--questions-per-task", type=int, default=None,
+                         help="multiple-choice test questions scored per task (first N in file order; default 6)")
+    scoring.add_argument("--full", action="store_true", help="score every multiple-choice test question (538)")
     demo.set_defaults(func=cmd_demo)
 
     evaluate = sub.add_parser("eval", help="selection accuracy (and task scores) of a bundle on labelled prompts")

@@ -19,7 +19,6 @@ centroids built on one are not valid for the other.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -29,6 +28,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from .bundle.adapters import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -77,15 +78,6 @@ def _require_gguf() -> None:
         )
 
 
-def _sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _expected_marker(gguf_path: Path, package_version: str) -> dict:
     """The fields a cached conversion must match to be reused (cheap: no hashing)."""
     return {
@@ -97,7 +89,7 @@ def _expected_marker(gguf_path: Path, package_version: str) -> dict:
     }
 
 
-def _is_complete(folder: Path, expected: dict) -> bool:
+def is_complete(folder: Path, expected: dict) -> bool:
     """True iff `folder` holds a finished conversion whose marker matches `expected` on every key."""
     marker = folder / MARKER_NAME
     if not marker.is_file():
@@ -109,7 +101,7 @@ def _is_complete(folder: Path, expected: dict) -> bool:
     return all(found.get(key) == value for key, value in expected.items())
 
 
-def _default_cache_dir() -> Path:
+def default_cache_dir() -> Path:
     """$HF_HOME/ariadne_hf, read at call time (so a test's monkeypatched HF_HOME is honoured)."""
     from huggingface_hub import constants
 
@@ -181,16 +173,16 @@ def default_backbone_path(*, cache_dir: str | os.PathLike | None = None, progres
     from filelock import FileLock
 
     gguf_path, package_version = _gguf_source()
-    parent = Path(cache_dir) if cache_dir is not None else _default_cache_dir()
+    parent = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     target = parent / CONVERTED_DIR_NAME
     expected = _expected_marker(gguf_path, package_version)
-    if _is_complete(target, expected):
+    if is_complete(target, expected):
         return str(target)
 
     _require_gguf()
     parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(parent / f"{CONVERTED_DIR_NAME}.lock")):
-        if _is_complete(target, expected):  # another process finished while we waited
+        if is_complete(target, expected):  # another process finished while we waited
             return str(target)
         if progress:
             logger.warning("ariadne_hf: converting %s (from %s %s) to a HF model folder once, into %s ...",
@@ -199,7 +191,7 @@ def default_backbone_path(*, cache_dir: str | os.PathLike | None = None, progres
         staging = Path(tempfile.mkdtemp(prefix=f".tmp-{CONVERTED_DIR_NAME}-", dir=parent))
         try:
             _convert_into(staging, gguf_path, progress=progress)
-            marker = {**expected, "source_sha256": _sha256(gguf_path), "backbone_id": DEFAULT_BACKBONE_ID,
+            marker = {**expected, "source_sha256": file_sha256(gguf_path), "backbone_id": DEFAULT_BACKBONE_ID,
                       "seconds": round(time.perf_counter() - start, 1)}
             (staging / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")  # written last
             staging.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary model folder

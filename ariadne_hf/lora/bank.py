@@ -18,7 +18,7 @@ from torch import nn
 
 from ..kernels import resolve_backend
 from .gate import GateFactory
-from .layer import RoutedLoraLinear
+from .layer import RoutedLoraLinear, base_features
 from .peft_files import AdapterLayout, inspect_adapter, read_module_weights, write_adapter
 from .residency import ResidencyStats, SlotTable
 
@@ -49,12 +49,17 @@ class LoraBank:
         return self.layouts[self.index(name)]
 
     def linear_modules(self) -> dict[str, nn.Module]:
-        """Backbone module name -> linear layer LoRA can target (routed layers stand for their base layer)."""
+        """Backbone module name -> layer LoRA can target: nn.Linear (quantized subclasses included) or transformers'
+        Conv1D (routed layers stand for their base layer)."""
         modules: dict[str, nn.Module] = dict(self.layers)
         for name, module in self.backbone.named_modules():
-            if isinstance(module, nn.Linear) and name.rpartition(".")[0] not in self.layers:
+            if name not in modules and name.rpartition(".")[0] not in self.layers and base_features(module):
                 modules[name] = module
         return modules
+
+    def module_types(self) -> dict[str, str]:
+        """Every backbone module name -> its class name (so a refused target's error can name its type)."""
+        return {name: type(module).__name__ for name, module in self.backbone.named_modules()}
 
     def memory_bytes(self) -> int:
         """Bytes allocated for every routed layer's stacked LoRA buffers (the adapters' run-time memory,
@@ -108,7 +113,7 @@ class LoraBank:
     # ---- changes ----------------------------------------------------------------------------------------------
     def inspect(self, name: str, path: str) -> AdapterLayout:
         """Validate adapter folder `path` as `name` against this backbone (no weights read, nothing changed)."""
-        return inspect_adapter(path, name, self.linear_modules())
+        return inspect_adapter(path, name, self.linear_modules(), self.module_types())
 
     def add(self, layouts: list[AdapterLayout]) -> None:
         """Append inspected adapters (in order): wrap the modules they target, grow every affected layer's stacks

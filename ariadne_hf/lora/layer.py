@@ -1,4 +1,4 @@
-"""`RoutedLoraLinear`: a backbone linear layer plus every adapter's LoRA weights on it, applying this step's gate.
+"""`RoutedLoraLinear`: a backbone linear (or GPT-2 `Conv1D`, or quantized linear) layer plus every adapter's LoRA weights on it, applying this step's gate.
 
 Compared with PEFT's `lora.Linear` (one `nn.Linear` pair per adapter in `ModuleDict`s, adapter names resolved and
 validated in every forward) and vLLM's `BaseLinearLayerWithLoRA` (stacked slots + a punica wrapper that holds the
@@ -15,6 +15,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from .gate import MIXTURE, SINGLE
+
+try:  # transformers' GPT-2-style layer: weight [IN, OUT], y = x @ W + b (PEFT wraps it with fan_in_fan_out=True)
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - transformers always provides it
+    Conv1D = ()
+
+
+def base_features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a layer routed LoRA can wrap, or None if it cannot.
+
+    `nn.Linear` and its subclasses (bitsandbytes `Linear4bit`/`Linear8bitLt`, torchao-quantized linears keep the
+    class and replace only the weight tensor) report them as attributes; transformers' `Conv1D` stores its weight
+    as [IN, OUT] (``nx``, ``nf``). The LoRA delta is the same for both: PEFT's A is [r, IN] and B [OUT, r] either
+    way (``fan_in_fan_out`` only changes how PEFT merges into the base weight, which routed layers never do)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    if Conv1D and isinstance(layer, Conv1D):
+        return layer.nx, layer.nf
+    return None
 
 ACTIVE_PLAN: contextvars.ContextVar = contextvars.ContextVar("ariadne_lora_plan", default=None)
 """The LoRA plan of the current call (`ariadne_hf.lora.plans`); None = the plain backbone. One per context, so
@@ -34,13 +53,16 @@ class RoutedLoraLinear(nn.Module):
     is exactly PEFT's ``base(x) + lora_B(lora_A(x)) * scaling`` (same operations in the same order).
     """
 
-    def __init__(self, base_layer: nn.Linear, module_name: str):
+    def __init__(self, base_layer: nn.Module, module_name: str):
         super().__init__()
+        features = base_features(base_layer)
+        if features is None:
+            raise TypeError(f"{module_name} is a {type(base_layer).__name__}; routed LoRA wraps nn.Linear (and its "
+                            "quantized subclasses) and transformers' Conv1D only.")
         self.base_layer = base_layer
         self.module_name = module_name
-        self.in_features = base_layer.in_features
-        self.out_features = base_layer.out_features
-        weight = base_layer.weight
+        self.in_features, self.out_features = features
+        weight = base_layer.weight  # quantized weights (uint8/int8 storage) get fp32 LoRA stacks
         dtype = weight.dtype if weight.is_floating_point() else torch.float32
         self.register_buffer("lora_A", torch.zeros(0, 0, self.in_features, dtype=dtype, device=weight.device),
                              persistent=False)

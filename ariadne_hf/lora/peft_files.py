@@ -24,6 +24,7 @@ from torch import nn
 
 from ..bundle.adapters import AdapterError, check_adapter_dir, declared_base
 from ..constants import ADAPTER_WEIGHTS_NAME
+from .layer import base_features
 
 PEFT_PREFIX = "base_model.model."
 _A_SUFFIX, _B_SUFFIX = ".lora_A.weight", ".lora_B.weight"
@@ -95,8 +96,13 @@ def _module_scaling(config: LoraConfig, module_name: str, rank: int, name: str) 
     return alpha / math.sqrt(r) if config.use_rslora else alpha / r
 
 
-def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) -> AdapterLayout:
-    """Validate adapter folder `path` against the backbone's modules (name -> nn.Linear) without reading weights.
+def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module],
+                    module_types: dict[str, str] | None = None) -> AdapterLayout:
+    """Validate adapter folder `path` against the backbone's modules without reading weights.
+
+    `linear_modules` maps the names of the layers LoRA can target (nn.Linear, quantized linears, transformers'
+    Conv1D) to them; `module_types` (optional) maps every backbone module name to its class name, so an adapter
+    targeting a module of another type is told that type, not "another base model".
 
     Raises AdapterError naming the adapter, the module or file key, and the fix, when: the folder is not a PEFT
     LoRA adapter with safetensors weights (`check_adapter_dir`); it uses a LoRA feature that cannot be routed per
@@ -106,6 +112,7 @@ def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) 
     """
     config = check_adapter_dir(path, name)
     _check_config(config, name)
+    module_types = module_types or {}
     weights_path = os.path.join(path, ADAPTER_WEIGHTS_NAME)
     stat = os.stat(weights_path)
     pairs: dict[str, dict[str, tuple[str, list[int]]]] = {}
@@ -114,7 +121,7 @@ def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) 
     with safe_open(weights_path, framework="pt") as handle:
         for key in handle.keys():
             if ".base_layer." in key and key.startswith(PEFT_PREFIX):
-                base_copies[key] = _check_base_copy(handle, key, linear_modules, name, path)
+                base_copies[key] = _check_base_copy(handle, key, linear_modules, name, path, module_types)
                 continue
             module_name, part = _split_key(key, name, path)
             shape = list(handle.get_slice(key).get_shape())
@@ -126,16 +133,39 @@ def inspect_adapter(path: str, name: str, linear_modules: dict[str, nn.Module]) 
     layout = AdapterLayout(name, config, weights_path, (stat.st_size, stat.st_mtime_ns), _torch_dtype(dtype, name),
                            base_copies=base_copies)
     for module_name, parts in sorted(pairs.items()):
-        layout.modules[module_name] = _check_module(module_name, parts, linear_modules, name, path, config)
+        layout.modules[module_name] = _check_module(module_name, parts, linear_modules, name, path, config,
+                                                    module_types)
     return layout
 
 
-def _check_base_copy(handle, key: str, linear_modules: dict[str, nn.Module], name: str, path: str) -> str:
+def _refused_type(module_name: str, module_types: dict[str, str], name: str, path: str, example: str) -> None:
+    """Raise the error for LoRA on a backbone module that exists but is not a layer routed LoRA can wrap."""
+    type_name = module_types.get(module_name)
+    if type_name is None:
+        return
+    if "Embedding" in type_name:
+        why = "LoRA on an embedding layer looks up rows instead of multiplying the input"
+    elif "Conv" in type_name:
+        why = "LoRA on a convolution needs a convolution per adapter"
+    elif "Expert" in type_name or "MoE" in type_name or "Moe" in type_name:
+        why = "fused MoE expert weights are raw parameters (PEFT's target_parameters), not linear layers"
+    else:
+        why = "it is not a linear layer"
+    raise AdapterError(
+        f"Adapter {name!r} at {path}: it puts LoRA on {module_name} (e.g. {example}), a {type_name} of this backbone. "
+        f"Routed LoRA layers wrap nn.Linear (quantized subclasses included) and transformers' Conv1D only: {why}. "
+        "Use an adapter whose target_modules are linear layers."
+    )
+
+
+def _check_base_copy(handle, key: str, linear_modules: dict[str, nn.Module], name: str, path: str,
+                     module_types: dict[str, str]) -> str:
     """A backbone weight PEFT saved beside the LoRA (e.g. a targeted lm_head's): accepted only if it is the
     backbone's own, unchanged (an adapter that changes base weights cannot be routed per row)."""
     module_name, _, attribute = key[len(PEFT_PREFIX):].partition(".base_layer.")
     module = linear_modules.get(module_name)
     if module is None:
+        _refused_type(module_name, module_types, name, path, key)
         raise AdapterError(
             f"Adapter {name!r} at {path}: {key!r} belongs to LoRA on {module_name}, which is not a linear layer of this "
             "backbone (an embedding layer, a conv layer, or a module of another base model). Routed LoRA layers "
@@ -176,17 +206,18 @@ def _split_key(key: str, name: str, path: str) -> tuple[str, str]:
 
 
 def _check_module(module_name: str, parts: dict, linear_modules: dict[str, nn.Module], name: str, path: str,
-                  config: LoraConfig) -> ModuleLora:
+                  config: LoraConfig, module_types: dict[str, str]) -> ModuleLora:
     if set(parts) != {"A", "B"}:
         missing = "lora_B" if "A" in parts else "lora_A"
         raise AdapterError(f"Adapter {name!r} at {path}: module {module_name} has no {missing} weight; the file is "
                            "incomplete. Re-save the adapter with PEFT.")
     module = linear_modules.get(module_name)
     if module is None:
+        _refused_type(module_name, module_types, name, path, parts["A"][0])
         raise AdapterError(
-            f"Adapter {name!r} at {path}: its weights for {module_name} match no linear module of this backbone "
-            f"(e.g. {parts['A'][0]}). It was probably trained for another base model (its config says "
-            f"{declared_base(path)!r}), or targets a layer type routed LoRA does not support (embedding, conv)."
+            f"Adapter {name!r} at {path}: its weights for {module_name} match no module of this backbone "
+            f"(e.g. {parts['A'][0]}): it was trained for another base model (its config says "
+            f"{declared_base(path)!r}). Use an adapter trained on this backbone."
         )
     if config.target_modules != "all-linear" and not check_target_module_exists(config, module_name):
         raise AdapterError(
@@ -196,12 +227,13 @@ def _check_module(module_name: str, parts: dict, linear_modules: dict[str, nn.Mo
         )
     (key_a, shape_a), (key_b, shape_b) = parts["A"], parts["B"]
     rank = shape_a[0] if len(shape_a) == 2 else -1
-    if len(shape_a) != 2 or len(shape_b) != 2 or shape_b[1] != rank or shape_a[1] != module.in_features \
-            or shape_b[0] != module.out_features:
+    in_features, out_features = base_features(getattr(module, "base_layer", module))
+    if len(shape_a) != 2 or len(shape_b) != 2 or shape_b[1] != rank or shape_a[1] != in_features \
+            or shape_b[0] != out_features:
         raise AdapterError(
             f"Adapter {name!r} at {path} does not fit this backbone: module {module_name} has lora_A {shape_a} and "
-            f"lora_B {shape_b}, its weight is [{module.out_features}, {module.in_features}] (expected "
-            f"[r, {module.in_features}] and [{module.out_features}, r]). It was probably trained for another base "
+            f"lora_B {shape_b}, the layer maps {in_features} -> {out_features} features (expected "
+            f"[r, {in_features}] and [{out_features}, r]). It was probably trained for another base "
             f"model (its config says {declared_base(path)!r})."
         )
     return ModuleLora(rank, _module_scaling(config, module_name, rank, name), key_a, key_b)

@@ -5,7 +5,9 @@ Guarantees:
   batch is running: what queued meanwhile forms the next batch), up to `max_batch_size` rows.
 - Only requests with the same sampling parameters (do_sample, temperature, top_p) share a call. A request with a
   `seed` that samples runs alone, right after `torch.manual_seed(seed)`, so it is reproducible. `n`, `max_tokens`
-  and `stop` are per row (a request with n=3 is three rows), so they never split batches.
+  and `stop` are per row (a request with n=3 is three rows), so they never split batches; so are `logit_bias`,
+  the presence/frequency penalties, `logprobs` and `echo` (sampling.py: one logits processor applies each row's
+  own values), and a row's answer does not depend on the other rows of its batch.
 - One worker thread runs every `generate` (one at a time); the asyncio loop only queues, so it never blocks.
 - An exception inside a batch fails that batch's requests with a 500 error and nothing else; the loop goes on.
 - A cancelled request (client gone) is dropped if still queued; if running, its rows stop at the next decoding
@@ -26,10 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
+from .openai_params import RowOptions
 from .prompts import pad_id_of, pad_left
 from .protocol import OpenAIError
+from .sampling import Entry, LogitsRecorder, RowLogitsProcessor, entries_at, prompt_entries
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +85,11 @@ class Row:
     finish_reason: str | None = None
     score: float | None = None
     margin: float | None = None
+    options: RowOptions = field(default_factory=RowOptions)
+    echo_text: str = ""  # the prompt as sent, returned before the completion when options.echo
+    logprobs: list[Entry] = field(default_factory=list)  # one per token of `tokens` when options.logprobs is set
+    prompt_logprobs: list[Entry] = field(default_factory=list)  # echo with logprobs: one per prompt token
+    emitted_logprobs: int = 0
 
     @property
     def done(self) -> bool:
@@ -91,8 +100,10 @@ class Row:
 class Job:
     """One request: its rows, sampling parameters, and an event queue the handler reads.
 
-    Events (put from the worker thread through the loop): ("delta", row, text), ("finish", row, reason),
-    ("done", None, None), ("error", None, OpenAIError)."""
+    Events (put from the worker thread through the loop): ("delta", row, (text, [Entry] or None)),
+    ("finish", row, reason), ("done", None, None), ("error", None, OpenAIError). With echo, a row's first delta is
+    its prompt text (and the prompt's entries with logprobs); the entries of a delta are those of the tokens
+    decoded since the previous delta."""
 
     rows: list[Row]
     sampling: Sampling
@@ -120,14 +131,17 @@ class RowTracker(StoppingCriteria):
     whole characters: a trailing U+FFFD of an unfinished multi-byte character is held back, and so are the last
     characters that could still start a stop string), and finishes the row on EOS ("stop"), a stop string
     ("stop", text cut before it), its own max_tokens ("length") or cancellation. Returns done [B] bool, which makes
-    generate pad finished rows and return once all rows are done.
+    generate pad finished rows and return once all rows are done. With a `recorder` (sampling.LogitsRecorder), live
+    rows that asked for logprobs get the entry of their new token (log_softmax of the step's raw logits).
     """
 
-    def __init__(self, rows: list[Row], tokenizer, eos_ids: set[int]):
-        self.rows, self.tokenizer, self.eos_ids = rows, tokenizer, eos_ids
+    def __init__(self, rows: list[Row], tokenizer, eos_ids: set[int], recorder: LogitsRecorder | None = None):
+        self.rows, self.tokenizer, self.eos_ids, self.recorder = rows, tokenizer, eos_ids, recorder
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
         new = input_ids[:, -1].tolist()  # [B]
+        if self.recorder is not None:
+            self._record(new)
         for row, token in zip(self.rows, new, strict=True):
             if row.done:
                 continue
@@ -153,13 +167,26 @@ class RowTracker(StoppingCriteria):
                 self.flush(row, safe)
         return torch.tensor([row.done for row in self.rows], dtype=torch.bool, device=input_ids.device)
 
-    def flush(self, row: Row, upto: int) -> None:
-        if upto > row.emitted:
-            row.job.emit("delta", row, row.text[row.emitted:upto])
-            row.emitted = upto
+    def _record(self, new: list[int]) -> None:
+        """Entries of this step's tokens for the live rows with logprobs (EOS included: dropped if it ends the row)."""
+        wanted = [b for b, row in enumerate(self.rows) if row.options.logprobs is not None and not row.done
+                  and not row.job.cancelled and new[b] not in self.eos_ids]
+        if not wanted:
+            return
+        logprobs = torch.log_softmax(self.recorder.last[wanted], dim=-1)  # [N, V]
+        entries = entries_at(logprobs, [new[b] for b in wanted], [self.rows[b].options.logprobs for b in wanted])
+        for b, entry in zip(wanted, entries, strict=True):
+            self.rows[b].logprobs.append(entry)
+
+    def flush(self, row: Row, upto: int, force: bool = False) -> None:
+        entries = row.logprobs[row.emitted_logprobs:] if row.options.logprobs is not None else None
+        if upto > row.emitted or (force and entries):
+            row.job.emit("delta", row, (row.text[row.emitted:upto], entries))
+            row.emitted = max(upto, row.emitted)
+            row.emitted_logprobs = len(row.logprobs)
 
     def finish(self, row: Row, reason: str) -> None:
-        self.flush(row, len(row.text))
+        self.flush(row, len(row.text), force=True)
         row.finish_reason = reason
         row.job.emit("finish", row, reason)
 
@@ -287,18 +314,36 @@ class DynamicBatcher:
             job.emit("done", None, None)
 
     def _generate(self, rows: list[Row], sampling: Sampling) -> None:
-        input_ids, attention_mask = pad_left([r.prompt_ids for r in rows], self.pad_id)  # [B, T]
-        tracker = RowTracker(rows, self.tokenizer, self.eos_ids)
-        if sampling.seed is not None:
-            torch.manual_seed(sampling.seed)
-        self.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, adapter_names=[r.adapter for r in rows],
-            max_new_tokens=max(r.max_tokens for r in rows), stopping_criteria=StoppingCriteriaList([tracker]),
-            pad_token_id=self.pad_id, return_dict_in_generate=True, **sampling.generate_kwargs(),
-        )
-        for row in rows:  # rows still live when generate returned (e.g. the backbone's max_length)
+        for row in rows:  # echo: the prompt (with its log-probabilities) comes first
+            if row.options.echo and not row.job.cancelled:
+                if row.options.logprobs is not None:
+                    row.prompt_logprobs = prompt_entries(self.model, row.prompt_ids, row.adapter, row.options.logprobs)
+                row.job.emit("delta", row, (row.echo_text,
+                                            row.prompt_logprobs if row.options.logprobs is not None else None))
+        live = [r for r in rows if r.max_tokens > 0 and not r.job.cancelled]  # max_tokens 0: echo only
+        tracker = RowTracker(live, self.tokenizer, self.eos_ids)
+        if live:
+            input_ids, attention_mask = pad_left([r.prompt_ids for r in live], self.pad_id)  # [B, T]
+            processors = LogitsProcessorList()
+            if any(r.options.processes_logits for r in live):
+                processors.append(RowLogitsProcessor([r.options for r in live], input_ids.shape[1]))
+            if any(r.options.logprobs is not None for r in live):
+                tracker.recorder = LogitsRecorder(self.model.backbone)
+            if sampling.seed is not None:
+                torch.manual_seed(sampling.seed)
+            try:
+                self.model.generate(
+                    input_ids=input_ids, attention_mask=attention_mask, adapter_names=[r.adapter for r in live],
+                    max_new_tokens=max(r.max_tokens for r in live), stopping_criteria=StoppingCriteriaList([tracker]),
+                    logits_processor=processors, pad_token_id=self.pad_id, return_dict_in_generate=True,
+                    **sampling.generate_kwargs(),
+                )
+            finally:
+                if tracker.recorder is not None:
+                    tracker.recorder.close()
+        for row in rows:  # rows still live when generate returned (e.g. the backbone's max_length), max_tokens 0
             if not row.done:
-                tracker.finish(row, "length")
+                tracker.finish(row, "cancelled" if row.job.cancelled else "length")
 
 
 def _adapters_of(job: Job) -> set[str]:

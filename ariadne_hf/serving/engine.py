@@ -3,7 +3,8 @@
 Shared by `ariadne serve BUNDLE` (app.py) and the generation replicas of Ray mode (ray_app.py). Requests are
 validated, tokenized and routed here, in the handler, before anything is queued (routing is one embedding lookup,
 well under a millisecond), so the adapter that answers is known before the first streamed byte and is sent as the
-`x-ariadne-adapter` header.
+`x-ariadne-adapter` header. OpenAI parameters are checked here too (openai_params.py: implemented, no effect by
+definition, or refused with a 400); fields outside those lists are named in the `x-ariadne-ignored` header.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .batcher import BASE, DynamicBatcher, Job, Row, Sampling
+from .openai_params import IGNORED_HEADER, row_options
 from .prompts import chat_ids, check_length, context_length, pad_id_of, pad_left, text_ids
 from .protocol import (
     ADAPTER_HEADER,
@@ -30,6 +32,7 @@ from .protocol import (
     sse,
     usage,
 )
+from .sampling import chat_logprobs, completion_logprobs
 
 DEFAULT_COMPLETION_TOKENS = 16
 """max_tokens of /v1/completions when omitted (OpenAI's default)."""
@@ -85,6 +88,7 @@ class Prepared:
     job: Job
     prompt_tokens: int
     include_usage: bool
+    ignored: list[str]
 
     @property
     def model_name(self) -> str:
@@ -92,7 +96,7 @@ class Prepared:
 
     @property
     def headers(self) -> dict:
-        return {ADAPTER_HEADER: self.model_name}
+        return {ADAPTER_HEADER: self.model_name, **({IGNORED_HEADER: ",".join(self.ignored)} if self.ignored else {})}
 
 
 class LocalEngine:
@@ -107,6 +111,7 @@ class LocalEngine:
         self.context = context_length(model.backbone.config, self.tokenizer)
         self.default_max_tokens = default_max_tokens
         self.pad_id = pad_id_of(self.tokenizer, model.generation_config)
+        self.vocab_size = model.get_output_embeddings().weight.shape[0]  # the logits' width (logit_bias ids)
         self.batcher = DynamicBatcher(model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms)
 
     def start(self) -> None:
@@ -121,23 +126,36 @@ class LocalEngine:
     def prepare(self, kind: str, req: ChatRequest | CompletionRequest) -> Prepared:
         """Validate, tokenize, route and queue a request (errors raise OpenAIError before anything is queued)."""
         forced = forced_adapter(req.model, self.adapter_names)
+        options, ignored = row_options(kind, req, self.vocab_size)
         prompts = request_prompts(kind, req, self.tokenizer)
         limit = req.limit() if kind == "chat" else req.max_tokens
-        budgets = [limit or (DEFAULT_COMPLETION_TOKENS if kind == "completions"
-                             else max(1, min(self.default_max_tokens, self.context - len(ids)))) for ids in prompts]
+        if limit == 0 and not options.echo:
+            raise OpenAIError(400, "max_tokens 0 generates nothing: use it with echo (prompt logprobs) or ask for "
+                                   "at least 1 token.", param="max_tokens", code="invalid_value")
+        budgets = [limit if limit is not None else (
+            DEFAULT_COMPLETION_TOKENS if kind == "completions"
+            else max(1, min(self.default_max_tokens, self.context - len(ids)))) for ids in prompts]
         for ids, budget in zip(prompts, budgets, strict=True):
             check_length(len(ids), budget, self.context)
         routes = (route_id_lists(self.model, prompts, self.pad_id) if forced is None
                   else [RouteInfo(forced, None, None)] * len(prompts))
+        texts = req.prompts() if kind == "completions" else [""]
         rows = [Row(ids, info.adapter, budget, req.stop_list(), index=p * req.n + j, score=info.score,
-                    margin=info.margin)
+                    margin=info.margin, options=options, echo_text=texts[p] if options.echo else "")
                 for p, (ids, budget, info) in enumerate(zip(prompts, budgets, routes, strict=True))
                 for j in range(req.n)]
         sampling = Sampling.resolve(req.temperature, req.top_p, req.seed, self.model.generation_config)
         job = Job(rows, sampling, asyncio.get_running_loop())
         self.batcher.submit(job)
         return Prepared(kind, new_id("chatcmpl" if kind == "chat" else "cmpl"), job,
-                        sum(len(p) for p in prompts), req.include_usage())
+                        sum(len(p) for p in prompts), req.include_usage(), ignored)
+
+    def _logprobs(self, kind: str, row: Row, entries) -> dict | None:
+        """A row's logprobs object in the response shape of `kind` (None when the request did not ask)."""
+        if row.options.logprobs is None or entries is None:
+            return None
+        return chat_logprobs(self.tokenizer, entries) if kind == "chat" else completion_logprobs(self.tokenizer,
+                                                                                                 entries)
 
     async def collect(self, prepared: Prepared) -> dict:
         """Wait for a non-streamed request and return its OpenAI response body."""
@@ -152,8 +170,9 @@ class LocalEngine:
         except BaseException:
             job.cancel()
             raise
-        choices = [{"index": r.index, "text": r.text, "finish_reason": r.finish_reason,
-                    "adapter": public_name(r.adapter)} for r in job.rows]
+        choices = [{"index": r.index, "text": r.echo_text + r.text, "finish_reason": r.finish_reason,
+                    "adapter": public_name(r.adapter),
+                    "logprobs": self._logprobs(prepared.kind, r, r.prompt_logprobs + r.logprobs)} for r in job.rows]
         tokens = sum(len(r.tokens) for r in job.rows)
         return completion_body(prepared.kind, prepared.request_id, prepared.model_name, choices,
                                usage(prepared.prompt_tokens, tokens))
@@ -163,6 +182,7 @@ class LocalEngine:
         (client disconnect), the request is cancelled (see batcher.py for what that frees)."""
         job, kind, rid, model = prepared.job, prepared.kind, prepared.request_id, prepared.model_name
         finished = False
+        offsets: dict[int, int] = {}  # completions text_offset so far, per choice
         try:
             if kind == "chat":
                 for row in job.rows:
@@ -170,7 +190,13 @@ class LocalEngine:
             while True:
                 event, row, payload = await job.queue.get()
                 if event == "delta":
-                    yield sse(chunk_body(kind, rid, model, row.index, payload, None))
+                    text, entries = payload
+                    logprobs = self._logprobs(kind, row, entries)
+                    if logprobs is not None and kind == "completions":
+                        start = offsets.get(row.index, 0)
+                        logprobs["text_offset"] = [start + o for o in logprobs["text_offset"]]
+                        offsets[row.index] = start + sum(len(t) for t in logprobs["tokens"])
+                    yield sse(chunk_body(kind, rid, model, row.index, text, None, logprobs=logprobs))
                 elif event == "finish":
                     yield sse(chunk_body(kind, rid, model, row.index, None, payload))
                 elif event == "error":

@@ -41,7 +41,8 @@ def error_body(message: str, type: str = "invalid_request_error", code: str | No
 
 
 class _Request(BaseModel):
-    """Fields common to /v1/completions and /v1/chat/completions (unknown fields are accepted and ignored)."""
+    """Fields common to /v1/completions and /v1/chat/completions. Other fields are accepted by the parser (gateway
+    mode forwards them); the local engine decides what they mean (openai_params.py)."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -77,6 +78,7 @@ class CompletionRequest(_Request):
 
     prompt: str | list[str]
     echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)  # 0 with echo: prompt logprobs only
 
     @field_validator("prompt")
     @classmethod
@@ -90,9 +92,12 @@ class CompletionRequest(_Request):
 
 
 class ContentPart(BaseModel):
+    """A content part; only text parts have a meaning locally (others are refused by openai_params.py, and
+    forwarded unchanged in gateway mode)."""
+
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str = ""
 
 
 class ChatMessage(BaseModel):
@@ -102,7 +107,7 @@ class ChatMessage(BaseModel):
 
     def text(self) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            return "".join(part.text for part in self.content if part.type == "text")
         return self.content or ""
 
 
@@ -116,7 +121,10 @@ class ChatRequest(_Request):
         return self.max_completion_tokens or self.max_tokens
 
     def as_template_messages(self) -> list[dict]:
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+        """Messages for the chat template: role (developer -> system), text content, and the message's other
+        fields (name, tool_calls, tool_call_id, ...) unchanged, for templates that use them."""
+        return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in self.messages]
 
 
 class RouteRequest(BaseModel):
@@ -163,21 +171,24 @@ def response_model_name(adapters: list[str]) -> str:
 
 
 def completion_body(kind: str, request_id: str, model: str, choices: list[dict], usage_: dict) -> dict:
-    """choices: [{"index", "text", "finish_reason", "adapter"}] -> the OpenAI response object of `kind`."""
+    """choices: [{"index", "text", "finish_reason", "adapter", optional "logprobs"}] -> the OpenAI response object
+    of `kind`."""
     created = int(time.time())
     if kind == "chat":
         out = [{"index": c["index"], "message": {"role": "assistant", "content": c["text"]},
-                "finish_reason": c["finish_reason"], "logprobs": None, "adapter": c["adapter"]} for c in choices]
+                "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs"), "adapter": c["adapter"]}
+               for c in choices]
         return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                 "choices": out, "usage": usage_}
-    out = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": None,
+    out = [{"index": c["index"], "text": c["text"], "finish_reason": c["finish_reason"], "logprobs": c.get("logprobs"),
             "adapter": c["adapter"]} for c in choices]
     return {"id": request_id, "object": "text_completion", "created": created, "model": model,
             "choices": out, "usage": usage_}
 
 
 def chunk_body(kind: str, request_id: str, model: str, index: int, text: str | None,
-               finish_reason: str | None, *, first: bool = False, usage_: dict | None = None) -> dict:
+               finish_reason: str | None, *, first: bool = False, usage_: dict | None = None,
+               logprobs: dict | None = None) -> dict:
     """One streamed event. Chat: `delta` (role on the first chunk); completions: `text`."""
     created = int(time.time())
     if kind == "chat":
@@ -187,12 +198,12 @@ def chunk_body(kind: str, request_id: str, model: str, index: int, text: str | N
         if text:
             delta["content"] = text
         choices = [] if usage_ is not None else [
-            {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": None}]
+            {"index": index, "delta": delta, "finish_reason": finish_reason, "logprobs": logprobs}]
         body = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                 "choices": choices}
     else:
         choices = [] if usage_ is not None else [
-            {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": None}]
+            {"index": index, "text": text or "", "finish_reason": finish_reason, "logprobs": logprobs}]
         body = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                 "choices": choices}
     if usage_ is not None:

@@ -24,6 +24,7 @@ from ray import serve
 
 from ..lora.residency import ResidencyError
 from .engine import forced_adapter, request_prompts, route_id_lists
+from .openai_params import IGNORED_HEADER, ignored_fields
 from .prompts import pad_id_of, text_ids
 from .protocol import ADAPTER_HEADER, ChatRequest, CompletionRequest, OpenAIError, public_name
 
@@ -146,15 +147,17 @@ class RayBackend:
             forced = adapters.pop()
         name = public_name(forced)
         handle = self.generator.options(multiplexed_model_id=name, stream=req.stream)
+        ignored = ignored_fields(kind, req)  # the replica's engine checks and refuses parameters (openai_params.py)
+        extra = {IGNORED_HEADER: ",".join(ignored)} if ignored else {}
         if not req.stream:
             result = await handle.generate.remote(kind, raw)
-            headers = _headers(name, result)
+            headers = {**_headers(name, result), **extra}
             if "error" in result:
                 return JSONResponse(result["error"], status_code=result["status"], headers=headers)
             return JSONResponse(result["body"], headers=headers)
         events = handle.generate_stream.remote(kind, raw)
         meta = await events.__anext__()
-        headers = _headers(name, meta)
+        headers = {**_headers(name, meta), **extra}
         if "error" in meta:
             return JSONResponse(meta["error"], status_code=meta["status"], headers=headers)
 

@@ -1,0 +1,44 @@
+"""A quantized backbone (torchao int8 weight-only, runs on CPU): routed LoRA wraps the quantized linears and a mixed
+batch equals PEFT on the same quantized model."""
+
+import pytest
+import torch
+
+pytest.importorskip("torchao")
+from peft import PeftModel  # noqa: E402
+from torchao.quantization import Int8WeightOnlyConfig, quantize_  # noqa: E402
+from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
+
+from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel  # noqa: E402
+
+GREEDY = {"max_new_tokens": 4, "do_sample": False}
+
+
+def _quantized(path):
+    model = AutoModelForCausalLM.from_pretrained(path)
+    quantize_(model, Int8WeightOnlyConfig())
+    return model.eval()
+
+
+def test_int8_weight_only_backbone_equals_peft_on_the_same_quantized_model(tiny_assets):
+    names = list(tiny_assets["adapters"])
+    backbone = _quantized(tiny_assets["backbone"])
+    weight = backbone.model.layers[0].self_attn.q_proj.weight
+    assert type(weight).__name__ == "Int8Tensor"  # really quantized (int8 data + scales)
+    model = AriadneRoutedModel.from_adapters(backbone, tiny_assets["adapters"], tiny_assets["train"],
+                                             tokenizer=AutoTokenizer.from_pretrained(tiny_assets["backbone"]), num_centroids=4, progress=False)
+    assert type(model.backbone.model.layers[0].self_attn.q_proj.base_layer.weight).__name__ == "Int8Tensor"
+    oracle = PeftModel.from_pretrained(_quantized(tiny_assets["backbone"]), tiny_assets["adapters"][names[0]],
+                                       adapter_name=names[0])
+    for name in names[1:]:
+        oracle.load_adapter(tiny_assets["adapters"][name], adapter_name=name)
+    prompts = [tiny_assets["test"][n][i] for n in names for i in range(2)]
+    batch = model.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+    forced = ["math", "poetry", "code", BASE_ADAPTER, "code", "math"]
+    routed = model(**batch, adapter_names=forced).logits
+    torch.testing.assert_close(routed, oracle(**batch, adapter_names=forced).logits, rtol=1e-4, atol=1e-5)
+    assert (routed - model(**batch, adapter_names=[BASE_ADAPTER] * 6).logits).abs().max() > 1e-2
+    assert torch.equal(model.generate(**batch, **GREEDY, adapter_names=forced),
+                       oracle.generate(**batch, adapter_names=forced, **GREEDY))
+    out = model.generate(**batch, **GREEDY, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, oracle.generate(**batch, adapter_names=out.routes.adapter_names, **GREEDY))
