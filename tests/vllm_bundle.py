@@ -52,44 +52,65 @@ def free_port() -> int:
 
 
 def prepare_vllm_python() -> str:
-    """The cached vLLM venv's python (built when missing), with this checkout of ariadne_hf installed into it with
-    its dependencies resolved by pip (so its metadata ranges must admit what vLLM pins)."""
-    from filelock import FileLock
+    """The cached vLLM venv's python (built by `vllm_env.ensure_vllm_venv` when missing, ~4 min once per machine).
 
-    from ariadne_hf.serving.vllm_env import ensure_vllm_venv, vllm_venv_dir
+    This checkout of ariadne_hf is made importable in it with PYTHONPATH (see `VllmServer`), not installed: the venv
+    is shared by every checkout on the machine, so installing one checkout into it would change what another
+    checkout's tests run. `unmet_requirements` checks what `pip install ariadne_hf` would need: that ariadne_hf's
+    declared dependency ranges admit the versions vLLM pinned in that venv."""
+    from ariadne_hf.serving.vllm_env import ensure_vllm_venv
 
-    python = str(ensure_vllm_venv(log=lambda s: print("+", s, file=sys.stderr, flush=True)))
-    with FileLock(str(vllm_venv_dir()) + ".install.lock"):
-        subprocess.run([python, "-m", "pip", "install", "-q", "--force-reinstall", "--no-deps", REPO],
-                       check=True, capture_output=True, text=True)
-        subprocess.run([python, "-m", "pip", "install", "-q", "torch==2.13.0", REPO],
-                       check=True, capture_output=True, text=True)  # resolves ariadne_hf's requirements
-    return python
+    return str(ensure_vllm_venv(log=lambda s: print("+", s, file=sys.stderr, flush=True)))
+
+
+UNMET_PROBE = r"""
+import sys, tomllib
+from importlib.metadata import PackageNotFoundError, version
+from packaging.requirements import Requirement
+with open(sys.argv[1], "rb") as handle:
+    project = tomllib.load(handle)["project"]
+wanted = list(project["dependencies"]) + list(project["optional-dependencies"]["serve"])
+for line in wanted:
+    req = Requirement(line)
+    try:
+        have = version(req.name)
+    except PackageNotFoundError:
+        print(f"{req} (not installed)")
+        continue
+    if not req.specifier.contains(have, prereleases=True):
+        print(f"{req} (installed: {have})")
+"""
+
+
+def unmet_requirements(python: str) -> list[str]:
+    """ariadne_hf's requirements (core + the `serve` extra, from pyproject.toml) that `python`'s installed
+    distributions do not satisfy (e.g. a transformers range that excludes the one vLLM pins)."""
+    proc = subprocess.run([python, "-c", UNMET_PROBE, os.path.join(REPO, "pyproject.toml")], capture_output=True,
+                          text=True, check=True)
+    return proc.stdout.split("\n")[:-1] if proc.stdout else []
 
 
 class VllmServer:
-    """vLLM's OpenAI server for `bundle` with the routing middleware (fp32, 1024-token context, 2 GiB KV cache),
-    started on a free port; `stop()` terminates it. `log` holds its output."""
+    """`ariadne serve BUNDLE --engine vllm` run as a user runs it: the CLI in this venv, vLLM in the venv of
+    `python`, on 127.0.0.1 and a free port (fp32, 1024-token context, 2 GiB KV cache), this checkout of ariadne_hf
+    importable there through PYTHONPATH. `wait()` blocks until /health answers; `stop()` ends the process group
+    (the CLI, vLLM's API server and its engine core). `log_path` holds their output."""
 
-    def __init__(self, bundle: str, python: str, *, log_path: str, startup_timeout: float = 900.0,
-                 extra_args: tuple[str, ...] = ()):
-        from ariadne_hf.serving.engine_launch import vllm_command
-
+    def __init__(self, bundle: str, python: str, *, log_path: str, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
-        self.command = vllm_command(bundle, python=python, port=self.port,
-                                    extra_args=["--dtype", "float32", "--max-model-len", "1024", *extra_args])
-        env = {**os.environ, **self.command.env, "VLLM_CPU_KVCACHE_SPACE": "2", "HF_HUB_OFFLINE": "1"}
-        env.pop("PYTHONPATH", None)  # the middleware must come from the ariadne_hf installed in the vLLM venv
+        argv = [sys.executable, "-m", "ariadne_hf.cli", "serve", bundle, "--engine", "vllm", "--engine-python", python,
+                "--host", "127.0.0.1", "--port", str(self.port), "--", "--dtype", "float32", "--max-model-len", "1024",
+                *extra_args]
+        env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
         self.log_path = log_path
         self.log = open(log_path, "w")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(self.command.argv, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        cwd="/", start_new_session=True)
-        self.startup_timeout = startup_timeout
+        self.process = subprocess.Popen(argv, env=env, stdout=self.log, stderr=subprocess.STDOUT, cwd="/",
+                                        start_new_session=True)
 
-    def wait(self) -> VllmServer:
-        deadline = time.monotonic() + self.startup_timeout
+    def wait(self, timeout: float = 900.0) -> VllmServer:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vLLM exited ({self.process.returncode}) while starting:\n{self.tail()}")
@@ -99,8 +120,7 @@ class VllmServer:
             except httpx.HTTPError:
                 pass
             time.sleep(2)
-        self.stop()
-        raise RuntimeError(f"vLLM did not answer /health within {self.startup_timeout:.0f} s:\n{self.tail()}")
+        raise RuntimeError(f"vLLM did not answer /health within {timeout:.0f} s:\n{self.tail()}")
 
     def tail(self, lines: int = 40) -> str:
         self.log.flush()
@@ -108,7 +128,7 @@ class VllmServer:
             return "".join(handle.readlines()[-lines:])
 
     def stop(self) -> None:
-        if self.process.poll() is None:  # its own session: signal the group (the API server and its engine core)
+        if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
                 self.process.wait(timeout=60)
