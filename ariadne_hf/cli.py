@@ -189,6 +189,21 @@ def cmd_pull(args) -> int:
 def cmd_serve(args) -> int:
     from .serving.launch import serve
 
+    if args.engine_args and args.engine != "vllm":
+        raise ValueError("Arguments after `--` go to the engine: use them with --engine vllm.")
+    if args.engine == "vllm":
+        if args.upstream or args.ray:
+            raise ValueError("--engine vllm runs vLLM with routing inside it; --upstream/--ray are other modes.")
+        from .serving.engine_launch import run_vllm
+
+        try:
+            return run_vllm(args.bundle, python=args.engine_python, host=args.host, port=args.port,
+                            extra_args=args.engine_args, revision=args.revision, print_only=args.print_command)
+        except RuntimeError as err:  # vLLM missing or unusable
+            print(f"ariadne serve: error: {err}", file=sys.stderr)
+            return 2
+    if args.print_command or args.engine_python:
+        raise ValueError("--print-command and --engine-python go with --engine vllm.")
     try:
         serve(args.bundle, host=args.host, port=args.port, upstream=args.upstream, upstream_model=args.upstream_model,
               upstream_base_model=args.upstream_base_model, upstream_api_key=args.upstream_api_key, ray=args.ray,
@@ -310,13 +325,28 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--adapters-per-replica", type=int, default=4,
                        help="Ray mode: adapters a replica keeps warm (serve.multiplexed max_num_models_per_replica)")
     serve.add_argument("--revision", default=None)
-    serve.set_defaults(func=cmd_serve)
+    serve.add_argument("--engine", choices=["local", "vllm"], default="local",
+                       help="vllm: run vLLM's OpenAI server on the bundle's backbone and adapters, routing inside it "
+                            "(arguments after `--` go to vLLM)")
+    serve.add_argument("--engine-python", default=None, metavar="PATH",
+                       help="python of the venv holding vLLM (default: this one if it has vLLM, else the cached "
+                            "CPU venv of `python -m ariadne_hf.serving.vllm_env`)")
+    serve.add_argument("--print-command", action="store_true",
+                       help="--engine vllm: print the vLLM command (and the SGLang equivalent) without running it")
+    serve.set_defaults(func=cmd_serve, engine_args=[])
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    engine_args: list[str] = []
+    if argv[:1] == ["serve"] and "--" in argv:  # `ariadne serve BUNDLE --engine vllm -- <vLLM arguments>`
+        cut = argv.index("--")
+        argv, engine_args = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if engine_args:
+        args.engine_args = engine_args
     try:
         return args.func(args)
     except (ValueError, OSError) as err:
