@@ -24,6 +24,7 @@ from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
 from .routing.ood import token_counts
 from .routing.router import chat_template_affixes, embedding_fingerprint
+from .routing.signal import check_routing_layer, signal_for, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ class BuildingMixin:
         center: bool = True,
         whitening: str = "within",
         ignore_special_tokens: bool = True,
+        routing_layer: int = 0,
         reject_threshold: float | None = None,
         reject: str | None = None,
         reject_rate: float = 0.02,
@@ -79,8 +81,9 @@ class BuildingMixin:
     ):
         """Build a routed model from a backbone, PEFT LoRA adapters and a sample of each adapter's prompts.
 
-        Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
-        of token embeddings), centered on the mean of all prompts, whitened with the shrunk within-adapter
+        Training-free: each adapter's prompts are embedded in the routing signal's space (`routing_layer` 0: the
+        masked mean of the backbone's input token embeddings; k > 0: the masked mean of its base hidden state after
+        decoder layer k over the routable tokens, see `ariadne_hf.routing.signal`), centered on the mean of all prompts, whitened with the shrunk within-adapter
         covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most
         `num_centroids` centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy
         work: every adapter needs prompts and vice versa, adapters must be LoRA folders with safetensors weights that
@@ -113,14 +116,16 @@ class BuildingMixin:
             embedding_dim=int(embed_weight.shape[1]), embedding_vocab_size=int(embed_weight.shape[0]),
             embedding_fingerprint=embedding_fingerprint(embed_weight), num_centroids=num_centroids, distance=distance,
             center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
-            reject_threshold=reject_threshold, reject=reject, reject_rate=reject_rate, max_prompt_tokens=max_length,
+            routing_layer=routing_layer, reject_threshold=reject_threshold, reject=reject, reject_rate=reject_rate, max_prompt_tokens=max_length,
             **config_kwargs,
         )
         config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
+        check_routing_layer(routing_layer, int(text_config(backbone.config).num_hidden_layers))
+        signal = signal_for(backbone, routing_layer)
         built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
                              center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
                              reject=reject, reject_rate=reject_rate, ood=ood, seed=seed, max_length=max_length,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, signal=signal)
         config.whitening_info = built.tables.whitening_info
         for layout, count in zip(layouts, built.tables.centroid_counts, strict=True):
             summary = adapter_summary(layout.config, layout.source, len(prompt_lists[layout.name]), count)
@@ -152,7 +157,7 @@ class BuildingMixin:
         centroids = centroids_in_space(
             self.router, prompt_list, self.tokenizer, embed_weight, num_centroids=num_centroids or
             self.config.num_centroids, distance=self.config.distance, seed=seed, max_length=self.config.max_prompt_tokens,
-            batch_size=batch_size, desc=f"embedding {name}", progress=progress)
+            batch_size=batch_size, desc=f"embedding {name}", progress=progress, signal=self.routing_signal)
         summary = adapter_summary(layout.config, layout.source, len(prompt_list), centroids.shape[0])
         layout.sha256 = summary["sha256"]
         counts = None

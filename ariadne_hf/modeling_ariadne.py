@@ -17,6 +17,7 @@ from .lora import LoraBank, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .routing.inputs import tokenize_prompts
 from .routing.router import AriadneRouter, RoutingDecision
+from .routing.signal import RoutingSignal, signal_for
 
 _UNSET: Any = object()
 
@@ -114,6 +115,16 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.backbone.get_output_embeddings()
+
+    @property
+    def routing_signal(self) -> RoutingSignal:
+        """What this model routes on (`config.routing_layer`, see `routing.signal`), over its own backbone."""
+        layer = self.config.routing_layer
+        cached = getattr(self, "_routing_signal_cache", None)
+        if cached is None or cached[0] != layer:
+            cached = (layer, signal_for(self.backbone, layer).hidden)
+            self._routing_signal_cache = cached
+        return RoutingSignal(self.get_input_embeddings().weight.detach(), cached[1])
 
     # ---- routing ------------------------------------------------------------------------------------------
     def route(

@@ -31,6 +31,7 @@ from ..constants import (
     ROUTER_WEIGHTS_NAME,
 )
 from ..lora import LoraBank
+from ..routing.route import router_from_tensors
 from .adapters import check_adapter_dir, file_sha256
 from .errors import AdapterError, BundleError
 from .layout import FIX_SAVE_AGAIN, check_bundle_folder
@@ -313,9 +314,7 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         layout.sha256 = (config.adapters.get(layout.name) or {}).get("sha256")
     lora.add(layouts)
     model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
-    model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
-                            router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS), router.get(ROUTER_TRANSFORM))
-    model.router.set_ood(router.get(ROUTER_TOKEN_COUNTS), router.get(ROUTER_OOD_STATS))
+    model.router = router_from_tensors(config, router)
     model.router.to(backbone.get_input_embeddings().weight.device)
     model.eval()
     return model

@@ -254,6 +254,17 @@ class AriadneRouter(nn.Module):
         )
 
     @torch.no_grad()
+    def score_pooled(self, pooled: torch.Tensor, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score already pooled rows [B, D] (weight sums [B], 0 = empty row): (scores [B, A] fp32, best [B] int64),
+        the semantics of `score` after its pooling step (`centroid_scores_ref`)."""
+        from ..kernels.pool_distance_torch import centroid_scores_ref
+
+        device = self.centroids.device
+        return centroid_scores_ref(pooled.to(device), weight_sum.to(device), self.centroids, self.centroid_adapter,
+                                   len(self.adapter_names), center=self.optional_center(),
+                                   transform=self.optional_transform(), distance=self.distance)
+
+    @torch.no_grad()
     def context(self, input_ids, attention_mask, embed_weight, *, backend: str | None = None):
         """Score the prompts and return the state token routing continues from.
 
