@@ -22,7 +22,6 @@ from .routing.build import build_router, centroids_in_space
 from .routing.calibration import routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
-from .routing.ood import token_counts
 from .routing.router import chat_template_affixes, embedding_fingerprint
 from .routing.signal import check_routing_layer, signal_for, text_config
 
@@ -96,10 +95,9 @@ class BuildingMixin:
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
         an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"`
         applies it by default (rows above it go to ``"__base__"``), `reject=None` only reports
-        `RoutingDecision.ood_scores`. The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None`
-        computes them for at most `routing.build.OOD_AUTO_MAX_ADAPTERS` (256) adapters (or when `reject="auto"`),
-        `ood=True` always, `ood=False` never (then routing reads only the centroid table, as a bundle of thousands of
-        adapters should).
+        `RoutingDecision.ood_scores`. The score's token tables are sparse (only the tokens each adapter's prompts
+        contain, `routing.ood.SparseTokenCounts`; looked up by binary search, flat in the adapter count): `ood=None`
+        and `ood=True` compute them, `ood=False` never (then routing reads only the centroid table).
         """
         order = _check_adapters_and_prompts(adapters, prompts)
         prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in order}
@@ -162,8 +160,8 @@ class BuildingMixin:
         layout.sha256 = summary["sha256"]
         counts = None
         if self.router.has_ood():  # the new adapter's token counts; the calibration becomes stale (not refit)
-            counts = token_counts(routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
-                                                     max_length=self.config.max_prompt_tokens), embed_weight.shape[0])
+            counts = routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
+                                        max_length=self.config.max_prompt_tokens)
             logger.warning("add_adapter(%r): the out-of-distribution calibration is now stale (the new adapter's "
                            "prompts were not held out); rebuild with from_adapters to recalibrate.", name)
         self.lora.add([layout])

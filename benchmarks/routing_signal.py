@@ -8,7 +8,8 @@ layer k), checked against `HiddenStateSignal` on the first batch, for k in LAYER
 chunk a few minutes on 2 shared CPU cores.
 
     python benchmarks/routing_signal.py extract --chunk 0 --chunks 4   # cache features (run every chunk)
-    python benchmarks/routing_signal.py study --splits 20              # selection + OOD tables (markdown)
+    python benchmarks/routing_signal.py study --splits 20 --first 0 --last 5   # run (and cache) splits 0-4
+    python benchmarks/routing_signal.py study --splits 20 --first 20           # tables over the cached splits
 
 Split protocol (study): for each of --splits seeded random halvings of the 24 tasks, the "in" half are adapters
 (router built from their TRAIN prompts with the library's `build_router_tables`, whitening "within", 1 centroid), the
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 from pathlib import Path
 
 import torch
@@ -132,13 +132,15 @@ def main(argv=None) -> None:
     ex.add_argument("--max-train", type=int, default=120)
     st = sub.add_parser("study")
     st.add_argument("--splits", type=int, default=20)
+    st.add_argument("--first", type=int, default=0)
+    st.add_argument("--last", type=int, default=None)
     args = parser.parse_args(argv)
     if args.command == "extract":
         extract(args.chunk, args.chunks, args.max_tokens, args.max_train)
     else:
         from routing_signal_study import study
 
-        study(*load_cache(), splits=args.splits, seed=random.Random(0).random())
+        study(*load_cache(), splits=args.splits, first=args.first, last=args.last, out_dir=CACHE / "splits")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import torch
 
 from .calibration import auto_threshold
 from .inputs import validate_token_ids
-from .ood import routing_weights
+from .ood import SparseTokenCounts, routing_weights
 from .router import AriadneRouter, RoutingDecision, strip_template
 from .signal import RoutingSignal
 
@@ -64,6 +64,8 @@ def router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRout
         ROUTER_CENTROIDS,
         ROUTER_OOD_STATS,
         ROUTER_TOKEN_COUNTS,
+        ROUTER_TOKEN_KEYS,
+        ROUTER_TOKEN_VALUES,
         ROUTER_TOKEN_WEIGHTS,
         ROUTER_TRANSFORM,
     )
@@ -71,5 +73,9 @@ def router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRout
     router = AriadneRouter(config.adapter_names, int(tensors[ROUTER_CENTROIDS].shape[1]), config.distance)
     router.set_tables(tensors[ROUTER_CENTROIDS], tensors[ROUTER_CENTROID_ADAPTER], tensors.get(ROUTER_CENTER),
                       tensors.get(ROUTER_TOKEN_WEIGHTS), tensors.get(ROUTER_TRANSFORM))
-    router.set_ood(tensors.get(ROUTER_TOKEN_COUNTS), tensors.get(ROUTER_OOD_STATS))
+    counts = tensors.get(ROUTER_TOKEN_COUNTS)  # dense [A, V] (bundles 1.2) or the sparse pair (1.3)
+    if tensors.get(ROUTER_TOKEN_KEYS) is not None:
+        counts = SparseTokenCounts(tensors[ROUTER_TOKEN_KEYS], tensors[ROUTER_TOKEN_VALUES], len(config.adapter_names),
+                                   int(config.embedding_vocab_size))
+    router.set_ood(counts, tensors.get(ROUTER_OOD_STATS))
     return router
