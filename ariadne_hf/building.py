@@ -133,6 +133,11 @@ class BuildingMixin:
         lora.add(layouts)
         model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
         model.router = built.router.to(embed_weight.device)
+        if routing_layer:  # token routing re-routes on the input embedding: its own table in that space
+            model.embedding_router = build_router(
+                prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance, center=center,
+                whitening=whitening, ignore_special_tokens=ignore_special_tokens, ood=False, seed=seed,
+                max_length=max_length, batch_size=batch_size, progress=False).router.to(embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
         return model
@@ -164,8 +169,14 @@ class BuildingMixin:
                                         max_length=self.config.max_prompt_tokens)
             logger.warning("add_adapter(%r): the out-of-distribution calibration is now stale (the new adapter's "
                            "prompts were not held out); rebuild with from_adapters to recalibrate.", name)
+        embedding_centroids = None if self.embedding_router is None else centroids_in_space(
+            self.embedding_router, prompt_list, self.tokenizer, embed_weight, num_centroids=num_centroids or
+            self.config.num_centroids, distance=self.config.distance, seed=seed, max_length=self.config.max_prompt_tokens,
+            batch_size=batch_size, progress=False)
         self.lora.add([layout])
         self.router.append_adapter(name, centroids, counts)
+        if embedding_centroids is not None:
+            self.embedding_router.append_adapter(name, embedding_centroids)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters[name] = summary
 
@@ -175,6 +186,8 @@ class BuildingMixin:
         if len(self.config.adapter_names) == 1:
             raise ValueError(f"Cannot remove {name!r}: a routed model needs at least one adapter.")
         self.router.drop_adapter(name)
+        if self.embedding_router is not None:
+            self.embedding_router.drop_adapter(name)
         self.lora.remove(name)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters.pop(name, None)

@@ -102,13 +102,17 @@ def weights_plan(model, adapter_weights, batch_size: int, kernel_backend: str | 
 
 
 def token_routing_call(model, input_ids, attention_mask, options, threshold) -> PlannedCall:
-    """Pool the prompt once (the running sums token routing then updates), score it, and build the plan."""
-    config, router = model.config, model.router
+    """Pool the prompt once (the running sums token routing then updates), score it, and build the plan.
+
+    Token routing always routes on the input embedding (`model.token_router`): the running sums are updated with
+    one embedding row per generated token, which a layer-k signal could not do without a base pass per token."""
+    config, router = model.config, model.token_router  # the input-embedding router (for every routing_layer)
     input_ids, attention_mask = routing_inputs(config, input_ids, attention_mask)
-    embed_weight = model.routing_signal.embed_weight  # routing_layer 0 (validate_routing_options)
+    embed_weight = model.get_input_embeddings().weight.detach()
     scores, best, running_sum, running_weight = router.context(input_ids, attention_mask, embed_weight,
                                                                backend=options.kernel_backend)
-    ood = router.ood_scores(input_ids, attention_mask, scores)  # [B] or None: reported, not applied (the mixture
+    ood = router.ood_scores(input_ids, attention_mask, scores)  # [B] or None (no ood tables on the embedding router
+    # of a routing_layer > 0 model: its calibration is the layer-k router's): reported, not applied (the mixture
     decision = router.decide(scores, best, threshold, ood)  # follows the re-routed scores)
     plan = TokenRoutingPlan(
         SlotResolver(model.lora, model.device, options.kernel_backend), router, embed_weight, running_sum,

@@ -210,10 +210,6 @@ def validate_routing_options(config: Any) -> None:
     layer = getattr(config, "routing_layer", 0)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"routing_layer must be an integer >= 0 (0 = the input embedding), got {layer!r}.")
-    if layer and config.routing == "token":
-        raise ValueError(f"Token-level routing re-routes on the input embedding while decoding, but this router routes "
-                         f"on the hidden state after layer {layer} (routing_layer={layer}). Use routing='sequence', or "
-                         "build the bundle with routing_layer=0 for token routing.")
     if config.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:

@@ -40,4 +40,7 @@ ROUTER_TRANSFORM = "router.transform"  # [D, D] fp32, optional (whitening W)
 ROUTER_TOKEN_COUNTS = "router.token_counts"  # [A, V] int64, read only (bundles 1.2: dense token counts)
 ROUTER_TOKEN_KEYS = "router.token_count_keys"  # [nnz] int64 sorted adapter * V + token, optional (ood, sparse)
 ROUTER_TOKEN_VALUES = "router.token_count_values"  # [nnz] int64 > 0, with ROUTER_TOKEN_KEYS (occurrences)
+TOKEN_ROUTER_PREFIX = "token_router."
+"""Prefix of the token-routing router's tensors (its own centroid table in the input-embedding space, stored when
+routing_layer > 0: token routing re-routes on the input embedding while decoding), e.g. token_router.router.centroids."""
 ROUTER_OOD_STATS = "router.ood_stats"  # [2, 4] fp32, optional (ood: z-score mean and sd per component)

@@ -144,6 +144,37 @@ def test_routing_layer_errors(tiny_assets, layer_model):
     with pytest.raises(ValueError, match="routing_layer must be an integer"):
         AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
                                          routing_layer=-1, progress=False)
-    batch = layer_model.tokenizer(["add plus"], return_tensors="pt")
-    with pytest.raises(ValueError, match="Token-level routing re-routes on the input embedding"):
-        layer_model.generate(**batch, routing="token", max_new_tokens=1, pad_token_id=0)
+
+
+def test_token_routing_re_routes_on_the_input_embedding_at_any_routing_layer(layer_model, layer_bundle, tiny_model,
+                                                                            tiny_assets):
+    """A routing_layer=1 model token-routes exactly like a routing_layer=0 model of the same prompts (its input-
+    embedding table is built alongside, saved and reloaded), while sequence routing uses the layer-1 signal."""
+    batch = tiny_model.tokenizer([tiny_assets["test"][n][1] for n in ("math", "poetry", "code")], return_tensors="pt",
+                                 padding=True, padding_side="left")
+    gen = dict(routing="token", max_new_tokens=5, do_sample=False, return_dict_in_generate=True, pad_token_id=0)
+    plain = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], tiny_assets["adapters"], tiny_assets["train"],
+                                             num_centroids=2, progress=False)
+    expected = plain.generate(**batch, **gen)
+    loaded = AriadneRoutedModel.from_pretrained(layer_bundle)
+    for model in (layer_model, loaded):
+        out = model.generate(**batch, **gen)
+        assert torch.equal(out.sequences, expected.sequences)
+        assert out.token_routes.steps == expected.token_routes.steps
+        for got, want in zip(out.token_routes.indices, expected.token_routes.indices, strict=True):
+            assert torch.equal(got, want)
+    assert not torch.equal(layer_model.router.centroids, plain.router.centroids[:, :])  # sequence routing: layer 1
+
+
+def test_add_and_remove_adapter_keep_both_routers_in_step(tiny_assets):
+    names = ["math", "poetry"]
+    model = AriadneRoutedModel.from_adapters(tiny_assets["backbone"], {n: tiny_assets["adapters"][n] for n in names},
+                                             {n: tiny_assets["train"][n] for n in names}, routing_layer=1,
+                                             progress=False)
+    model.add_adapter("code", tiny_assets["adapters"]["code"], tiny_assets["train"]["code"], progress=False)
+    assert model.router.adapter_names == model.embedding_router.adapter_names == ["math", "poetry", "code"]
+    decision = model.route(tiny_assets["test"]["code"])
+    assert decision.adapter_names.count("code") >= len(decision) - 1
+    model.remove_adapter("poetry")
+    assert model.embedding_router.adapter_names == ["math", "code"]
+    assert int(model.embedding_router.centroid_adapter.max()) == 1

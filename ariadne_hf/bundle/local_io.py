@@ -33,7 +33,7 @@ from ..constants import (
     ROUTER_WEIGHTS_NAME,
 )
 from ..lora import LoraBank
-from ..routing.route import router_from_tensors
+from ..routing.route import router_from_tensors, token_router_from_tensors, token_router_tensors
 from .adapters import check_adapter_dir, file_sha256
 from .errors import AdapterError, BundleError
 from .layout import FIX_SAVE_AGAIN, check_bundle_folder
@@ -120,6 +120,8 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
         tensors[ROUTER_TOKEN_KEYS] = router.token_table.keys
         tensors[ROUTER_TOKEN_VALUES] = router.token_table.values
         tensors[ROUTER_OOD_STATS] = router.ood_stats
+    if getattr(model, "embedding_router", None) is not None and model.config.routing_layer:
+        tensors.update(token_router_tensors(model.embedding_router))
     router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, router_path, metadata={"format": "pt"})
 
@@ -332,7 +334,11 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
     lora.add(layouts)
     model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
     model.router = router_from_tensors(config, router)
+    if config.routing_layer:
+        model.embedding_router = token_router_from_tensors(config, router)
     model.router.to(backbone.get_input_embeddings().weight.device)
+    if model.embedding_router is not None:
+        model.embedding_router.to(backbone.get_input_embeddings().weight.device)
     model.eval()
     return model
 

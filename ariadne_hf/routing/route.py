@@ -55,6 +55,37 @@ def route_decision(config, router: AriadneRouter, signal: RoutingSignal, input_i
     return router.decide(scores, best, threshold, ood, ood_threshold)
 
 
+def token_router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter | None:
+    """The token-routing router of a routing_layer > 0 bundle (tensors under `TOKEN_ROUTER_PREFIX`: centroids,
+    center, whitening in the input-embedding space; no ood tables), None when the bundle has none."""
+    from ..constants import ROUTER_CENTROIDS, ROUTER_TOKEN_WEIGHTS, TOKEN_ROUTER_PREFIX
+
+    inner = {k[len(TOKEN_ROUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN_ROUTER_PREFIX)}
+    if ROUTER_CENTROIDS not in inner:
+        return None
+    if ROUTER_TOKEN_WEIGHTS in tensors:
+        inner[ROUTER_TOKEN_WEIGHTS] = tensors[ROUTER_TOKEN_WEIGHTS]
+    return router_from_tensors(config, inner)
+
+
+def token_router_tensors(router: AriadneRouter) -> dict[str, torch.Tensor]:
+    """What `token_router_from_tensors` reads back (token weights are the main router's)."""
+    from ..constants import (
+        ROUTER_CENTER,
+        ROUTER_CENTROID_ADAPTER,
+        ROUTER_CENTROIDS,
+        ROUTER_TRANSFORM,
+        TOKEN_ROUTER_PREFIX,
+    )
+
+    out = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
+    if router.optional_center() is not None:
+        out[ROUTER_CENTER] = router.center
+    if router.optional_transform() is not None:
+        out[ROUTER_TRANSFORM] = router.transform
+    return {TOKEN_ROUTER_PREFIX + k: v for k, v in out.items()}
+
+
 def router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter:
     """The router of a bundle: its config (adapter order, distance) and its router tensors (centroids, center,
     token weights, whitening, ood tables), validated by `AriadneRouter.set_tables` / `set_ood`."""
