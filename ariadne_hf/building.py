@@ -23,7 +23,7 @@ from .routing.calibration import routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
 from .routing.router import chat_template_affixes, embedding_fingerprint
-from .routing.signal import check_routing_layer, signal_for, text_config
+from .routing.signal import auto_routing_layer, check_routing_layer, signal_for, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class BuildingMixin:
         center: bool = True,
         whitening: str = "within",
         ignore_special_tokens: bool = True,
-        routing_layer: int = 0,
+        routing_layer: int | str = "auto",
         reject_threshold: float | None = None,
         reject: str | None = None,
         reject_rate: float = 0.02,
@@ -82,7 +82,8 @@ class BuildingMixin:
 
         Training-free: each adapter's prompts are embedded in the routing signal's space (`routing_layer` 0: the
         masked mean of the backbone's input token embeddings; k > 0: the masked mean of its base hidden state after
-        decoder layer k over the routable tokens, see `ariadne_hf.routing.signal`), centered on the mean of all prompts, whitened with the shrunk within-adapter
+        decoder layer k over the routable tokens, see `ariadne_hf.routing.signal`; "auto", the default: layer
+        round(8/30 x depth), e.g. 8 for SmolLM2-135M's 30 layers, 0 for backbones under 12 layers), centered on the mean of all prompts, whitened with the shrunk within-adapter
         covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most
         `num_centroids` centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy
         work: every adapter needs prompts and vice versa, adapters must be LoRA folders with safetensors weights that
@@ -100,6 +101,8 @@ class BuildingMixin:
         and `ood=True` compute them, `ood=False` never (then routing reads only the centroid table).
         """
         order = _check_adapters_and_prompts(adapters, prompts)
+        if routing_layer != "auto":
+            check_routing_layer(routing_layer, None)
         prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in order}
         adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **({"token": token} if token else {})) for n in order}
         backbone, backbone_id, backbone_revision = load_backbone_for_build(
@@ -109,6 +112,9 @@ class BuildingMixin:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
         embed_weight = backbone.get_input_embeddings().weight.detach()  # [V, D]
+        num_layers = int(text_config(backbone.config).num_hidden_layers)
+        routing_layer = auto_routing_layer(num_layers) if routing_layer == "auto" else routing_layer
+        check_routing_layer(routing_layer, num_layers)
         config = AriadneConfig(
             backbone_name_or_path=backbone_id, backbone_revision=backbone_revision, adapter_names=order,
             embedding_dim=int(embed_weight.shape[1]), embedding_vocab_size=int(embed_weight.shape[0]),
@@ -118,7 +124,6 @@ class BuildingMixin:
             **config_kwargs,
         )
         config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
-        check_routing_layer(routing_layer, int(text_config(backbone.config).num_hidden_layers))
         signal = signal_for(backbone, routing_layer)
         built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
                              center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,

@@ -30,7 +30,7 @@ def cmd_build(args) -> int:
         center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length,
         batch_size=args.batch_size,
         text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
-        reject_threshold=args.reject_threshold, routing_layer=args.routing_layer,
+        reject_threshold=args.reject_threshold, routing_layer=args.routing_layer if args.routing_layer == "auto" else int(args.routing_layer),
     )
     model.save_pretrained(args.out, include_backbone=args.include_backbone)
     print(f"Wrote bundle {args.out}: {len(adapters)} adapters, {model.router.centroids.shape[0]} centroids.")
@@ -217,8 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--whitening", choices=["within", "none"], default="within",
                        help="whiten with the shrunk within-adapter covariance before scoring (default: within)")
     build.add_argument("--reject-threshold", type=float, default=None)
-    build.add_argument("--routing-layer", type=int, default=0, metavar="K",
-                       help="route on the base hidden state after decoder layer K (0 = the input embedding)")
+    build.add_argument("--routing-layer", default="auto", metavar="K",
+                       help="route on the base hidden state after decoder layer K (0 = the input embedding; default "
+                            "auto: 8/30 of the depth, 8 for SmolLM2-135M, 0 under 12 layers)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--max-length", type=int, default=512)
     build.add_argument("--batch-size", type=int, default=64)

@@ -110,8 +110,10 @@ def one_split(feats, ids, vocab, in_tasks, out_tasks, layer, folds=5):
         z = lambda c, cols=cols: ((c[:, cols] - mu[cols]) / sd[cols]).mean(1)  # noqa: E731
         h, i, o = z(held), z(comp_in), z(comp_out)
         thr = float(torch.quantile(h.double(), 1 - RATE))
+        kept = (i <= thr) & (best == labels)  # correct and not rejected
+        macro_rej = sum(float(kept[labels == a].float().mean()) for a in range(len(in_tasks))) / len(in_tasks)
         out[name] = {"auroc": auroc(i, o), "false": float((i > thr).float().mean()),
-                     "reject": float((o > thr).float().mean())}
+                     "reject": float((o > thr).float().mean()), "macro_reject_on": macro_rej}
     return out
 
 
@@ -163,3 +165,12 @@ def study(tasks, data, splits: int = 20, first: int = 0, last: int | None = None
             cells.append(f"{mean(lambda r, c=c: r[c]['auroc']):.3f} / {100 * mean(lambda r, c=c: r[c]['reject']):.0f}% / "
                          f"{100 * mean(lambda r, c=c: r[c]['false']):.1f}%")
         print(f"| {k} | " + " | ".join(cells) + " |")
+    print("\nSelection with rejection on (rejected in-domain prompts count as errors), macro, mean over splits:\n")
+    print("| layer | off | " + " | ".join(COMBOS) + " |")
+    print("|---|---|" + "---|" * len(COMBOS))
+    for k in layers:
+        rows = results[k]
+        if rows and "macro_reject_on" in rows[0]["shipped"]:
+            mean = lambda f, rows=rows: sum(f(r) for r in rows) / len(rows)  # noqa: E731
+            print(f"| {k} | {100 * mean(lambda r: r['macro']):.1f}% | " + " | ".join(
+                f"{100 * mean(lambda r, c=c: r[c]['macro_reject_on']):.1f}%" for c in COMBOS) + " |")

@@ -178,3 +178,10 @@ def test_add_and_remove_adapter_keep_both_routers_in_step(tiny_assets):
     model.remove_adapter("poetry")
     assert model.embedding_router.adapter_names == ["math", "code"]
     assert int(model.embedding_router.centroid_adapter.max()) == 1
+
+
+def test_auto_routing_layer_is_a_fixed_share_of_the_depth(tiny_model):
+    from ariadne_hf.routing.signal import auto_routing_layer
+
+    assert [auto_routing_layer(n) for n in (2, 11, 12, 18, 30, 32)] == [0, 0, 3, 5, 8, 9]
+    assert tiny_model.config.routing_layer == 0  # the 2-layer test backbone keeps the input embedding
