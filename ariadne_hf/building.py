@@ -22,8 +22,8 @@ from .routing.build import build_router, centroids_in_space
 from .routing.calibration import routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
-from .routing.ood import token_counts
 from .routing.router import chat_template_affixes, embedding_fingerprint
+from .routing.signal import auto_routing_layer, check_routing_layer, signal_for, text_config
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,7 @@ class BuildingMixin:
         center: bool = True,
         whitening: str = "within",
         ignore_special_tokens: bool = True,
+        routing_layer: int | str = "auto",
         reject_threshold: float | None = None,
         reject: str | None = None,
         reject_rate: float = 0.02,
@@ -79,8 +80,10 @@ class BuildingMixin:
     ):
         """Build a routed model from a backbone, PEFT LoRA adapters and a sample of each adapter's prompts.
 
-        Training-free: each adapter's prompts are embedded in the backbone's input-embedding space (masked mean
-        of token embeddings), centered on the mean of all prompts, whitened with the shrunk within-adapter
+        Training-free: each adapter's prompts are embedded in the routing signal's space (`routing_layer` 0: the
+        masked mean of the backbone's input token embeddings; k > 0: the masked mean of its base hidden state after
+        decoder layer k over the routable tokens, see `ariadne_hf.routing.signal`; "auto", the default: layer
+        round(8/30 x depth), e.g. 8 for SmolLM2-135M's 30 layers, 0 for backbones under 12 layers), centered on the mean of all prompts, whitened with the shrunk within-adapter
         covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most
         `num_centroids` centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy
         work: every adapter needs prompts and vice versa, adapters must be LoRA folders with safetensors weights that
@@ -93,12 +96,13 @@ class BuildingMixin:
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
         an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"`
         applies it by default (rows above it go to ``"__base__"``), `reject=None` only reports
-        `RoutingDecision.ood_scores`. The score's token tables are dense [A, V] (A x vocabulary int64): `ood=None`
-        computes them for at most `routing.build.OOD_AUTO_MAX_ADAPTERS` (256) adapters (or when `reject="auto"`),
-        `ood=True` always, `ood=False` never (then routing reads only the centroid table, as a bundle of thousands of
-        adapters should).
+        `RoutingDecision.ood_scores`. The score's token tables are sparse (only the tokens each adapter's prompts
+        contain, `routing.ood.SparseTokenCounts`; looked up by binary search, flat in the adapter count): `ood=None`
+        and `ood=True` compute them, `ood=False` never (then routing reads only the centroid table).
         """
         order = _check_adapters_and_prompts(adapters, prompts)
+        if routing_layer != "auto":
+            check_routing_layer(routing_layer, None)
         prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in order}
         adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **({"token": token} if token else {})) for n in order}
         backbone, backbone_id, backbone_revision = load_backbone_for_build(
@@ -108,19 +112,23 @@ class BuildingMixin:
         if tokenizer is None:
             tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
         embed_weight = backbone.get_input_embeddings().weight.detach()  # [V, D]
+        num_layers = int(text_config(backbone.config).num_hidden_layers)
+        routing_layer = auto_routing_layer(num_layers) if routing_layer == "auto" else routing_layer
+        check_routing_layer(routing_layer, num_layers)
         config = AriadneConfig(
             backbone_name_or_path=backbone_id, backbone_revision=backbone_revision, adapter_names=order,
             embedding_dim=int(embed_weight.shape[1]), embedding_vocab_size=int(embed_weight.shape[0]),
             embedding_fingerprint=embedding_fingerprint(embed_weight), num_centroids=num_centroids, distance=distance,
             center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
-            reject_threshold=reject_threshold, reject=reject, reject_rate=reject_rate, max_prompt_tokens=max_length,
+            routing_layer=routing_layer, reject_threshold=reject_threshold, reject=reject, reject_rate=reject_rate, max_prompt_tokens=max_length,
             **config_kwargs,
         )
         config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
+        signal = signal_for(backbone, routing_layer)
         built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
                              center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
                              reject=reject, reject_rate=reject_rate, ood=ood, seed=seed, max_length=max_length,
-                             batch_size=batch_size, progress=progress)
+                             batch_size=batch_size, progress=progress, signal=signal)
         config.whitening_info = built.tables.whitening_info
         for layout, count in zip(layouts, built.tables.centroid_counts, strict=True):
             summary = adapter_summary(layout.config, layout.source, len(prompt_lists[layout.name]), count)
@@ -130,6 +138,11 @@ class BuildingMixin:
         lora.add(layouts)
         model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
         model.router = built.router.to(embed_weight.device)
+        if routing_layer:  # token routing re-routes on the input embedding: its own table in that space
+            model.embedding_router = build_router(
+                prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance, center=center,
+                whitening=whitening, ignore_special_tokens=ignore_special_tokens, ood=False, seed=seed,
+                max_length=max_length, batch_size=batch_size, progress=False).router.to(embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
         return model
@@ -152,17 +165,23 @@ class BuildingMixin:
         centroids = centroids_in_space(
             self.router, prompt_list, self.tokenizer, embed_weight, num_centroids=num_centroids or
             self.config.num_centroids, distance=self.config.distance, seed=seed, max_length=self.config.max_prompt_tokens,
-            batch_size=batch_size, desc=f"embedding {name}", progress=progress)
+            batch_size=batch_size, desc=f"embedding {name}", progress=progress, signal=self.routing_signal)
         summary = adapter_summary(layout.config, layout.source, len(prompt_list), centroids.shape[0])
         layout.sha256 = summary["sha256"]
         counts = None
         if self.router.has_ood():  # the new adapter's token counts; the calibration becomes stale (not refit)
-            counts = token_counts(routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
-                                                     max_length=self.config.max_prompt_tokens), embed_weight.shape[0])
+            counts = routable_token_ids(prompt_list, self.tokenizer, self.router.optional_token_weights(),
+                                        max_length=self.config.max_prompt_tokens)
             logger.warning("add_adapter(%r): the out-of-distribution calibration is now stale (the new adapter's "
                            "prompts were not held out); rebuild with from_adapters to recalibrate.", name)
+        embedding_centroids = None if self.embedding_router is None else centroids_in_space(
+            self.embedding_router, prompt_list, self.tokenizer, embed_weight, num_centroids=num_centroids or
+            self.config.num_centroids, distance=self.config.distance, seed=seed, max_length=self.config.max_prompt_tokens,
+            batch_size=batch_size, progress=False)
         self.lora.add([layout])
         self.router.append_adapter(name, centroids, counts)
+        if embedding_centroids is not None:
+            self.embedding_router.append_adapter(name, embedding_centroids)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters[name] = summary
 
@@ -172,6 +191,8 @@ class BuildingMixin:
         if len(self.config.adapter_names) == 1:
             raise ValueError(f"Cannot remove {name!r}: a routed model needs at least one adapter.")
         self.router.drop_adapter(name)
+        if self.embedding_router is not None:
+            self.embedding_router.drop_adapter(name)
         self.lora.remove(name)
         self.config.adapter_names = list(self.router.adapter_names)
         self.config.adapters.pop(name, None)

@@ -19,12 +19,12 @@ from .constants import BASE_ADAPTER
 from .kernels import dense_to_topk
 from .lora import SequencePlan, TokenRoutingPlan, WeightsPlan
 from .lora.token_routing import SlotResolver, TokenRouteTrace
-from .routing.calibration import auto_threshold
 from .routing.inputs import new_tokens_mask, validate_adapter_weights, validate_token_ids
-from .routing.router import RoutingDecision, strip_template
+from .routing.route import route_decision, routing_inputs
+from .routing.router import RoutingDecision
 
 OPTION_FIELDS = ("routing", "reroute_every", "routing_top_k", "routing_temperature", "generation_strategy",
-                 "kernel_backend", "distance", "num_centroids")
+                 "kernel_backend", "distance", "num_centroids", "routing_layer")
 
 
 @dataclass
@@ -55,26 +55,10 @@ def call_options(config, **overrides) -> SimpleNamespace:
     return options
 
 
-def routing_mask(config, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """The tokens routing reads: the mask minus the chat template's fixed prefix/suffix (if configured)."""
-    prefix, suffix = config.template_prefix_ids or [], config.template_suffix_ids or []
-    if not (prefix or suffix):
-        return attention_mask
-    return strip_template(input_ids, attention_mask, prefix, suffix)
-
-
 def route_ids(model, input_ids, attention_mask, *, threshold, reject, backend) -> RoutingDecision:
-    """Route token ids [B, T] (validated here) with `model`'s router; `reject` is None or "auto"."""
-    config, router = model.config, model.router
-    if reject not in (None, "auto"):
-        raise ValueError(f"reject must be None or 'auto', got {reject!r}.")
-    input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, config.embedding_vocab_size)
-    attention_mask = routing_mask(config, input_ids, attention_mask)
-    embed_weight = model.get_input_embeddings().weight.detach()
-    scores, best = router.score(input_ids, attention_mask, embed_weight, backend=backend or config.kernel_backend)
-    ood_threshold = auto_threshold(config, router.has_ood()) if reject == "auto" else None
-    ood = router.ood_scores(input_ids, attention_mask, scores)  # [B] or None
-    return router.decide(scores, best, threshold, ood, ood_threshold)
+    """Route token ids [B, T] with `model`'s router and signal: `routing.route.route_decision` (the one path)."""
+    return route_decision(model.config, model.router, model.routing_signal, input_ids, attention_mask,
+                          threshold=threshold, reject=reject, backend=backend)
 
 
 def forced_decision(config, input_ids, attention_mask, adapter_names) -> RoutingDecision:
@@ -118,14 +102,17 @@ def weights_plan(model, adapter_weights, batch_size: int, kernel_backend: str | 
 
 
 def token_routing_call(model, input_ids, attention_mask, options, threshold) -> PlannedCall:
-    """Pool the prompt once (the running sums token routing then updates), score it, and build the plan."""
-    config, router = model.config, model.router
-    input_ids, attention_mask = validate_token_ids(input_ids, attention_mask, config.embedding_vocab_size)
-    attention_mask = routing_mask(config, input_ids, attention_mask)
+    """Pool the prompt once (the running sums token routing then updates), score it, and build the plan.
+
+    Token routing always routes on the input embedding (`model.token_router`): the running sums are updated with
+    one embedding row per generated token, which a layer-k signal could not do without a base pass per token."""
+    config, router = model.config, model.token_router  # the input-embedding router (for every routing_layer)
+    input_ids, attention_mask = routing_inputs(config, input_ids, attention_mask)
     embed_weight = model.get_input_embeddings().weight.detach()
     scores, best, running_sum, running_weight = router.context(input_ids, attention_mask, embed_weight,
                                                                backend=options.kernel_backend)
-    ood = router.ood_scores(input_ids, attention_mask, scores)  # [B] or None: reported, not applied (the mixture
+    ood = router.ood_scores(input_ids, attention_mask, scores)  # [B] or None (no ood tables on the embedding router
+    # of a routing_layer > 0 model: its calibration is the layer-k router's): reported, not applied (the mixture
     decision = router.decide(scores, best, threshold, ood)  # follows the re-routed scores)
     plan = TokenRoutingPlan(
         SlotResolver(model.lora, model.device, options.kernel_backend), router, embed_weight, running_sum,

@@ -34,7 +34,7 @@ def cmd_build(args) -> int:
         center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length,
         batch_size=args.batch_size,
         text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
-        reject_threshold=args.reject_threshold,
+        reject_threshold=args.reject_threshold, routing_layer=args.routing_layer if args.routing_layer == "auto" else int(args.routing_layer),
     )
     model.save_pretrained(args.out, include_backbone=args.include_backbone)
     print(f"Wrote bundle {args.out}: {len(adapters)} adapters, {model.router.centroids.shape[0]} centroids.")
@@ -103,6 +103,7 @@ def cmd_info(args) -> int:
         "reject": config.reject,
         "ood_threshold": config.ood_threshold,
         "ood_calibration": config.ood_calibration,
+        "routing_layer": config.routing_layer,
     }
     if args.json:
         print(json.dumps(info, indent=2))
@@ -111,6 +112,8 @@ def cmd_info(args) -> int:
     print(f"embedding  V={info['embedding'][0]} D={info['embedding'][1]}; distance {config.distance}; "
           f"center {config.center}; whitening {config.whitening}; routing {config.routing}; "
           f"{info['centroids']} centroids")
+    print("signal     " + ("input embedding (routing_layer 0)" if not config.routing_layer else
+                           f"base hidden state after layer {config.routing_layer} (routing_layer {config.routing_layer})"))
     if config.ood_calibration:
         from .routing.calibration import calibration_stale
 
@@ -233,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--whitening", choices=WHITENINGS, default="within",
                        help="whiten with the shrunk within-adapter covariance before scoring (default: within)")
     build.add_argument("--reject-threshold", type=float, default=None)
+    build.add_argument("--routing-layer", default="auto", metavar="K",
+                       help="route on the base hidden state after decoder layer K (0 = the input embedding; default "
+                            "auto: 8/30 of the depth, 8 for SmolLM2-135M, 0 under 12 layers)")
     build.add_argument("--seed", type=int, default=0)
     build.add_argument("--max-length", type=int, default=512)
     build.add_argument("--batch-size", type=int, default=64)

@@ -46,6 +46,10 @@ class AriadneConfig(PreTrainedConfig):
             existed load unchanged).
         whitening_info: statistics of the whitening matrix (Ledoit-Wolf shrinkage, prompt count, condition number).
         ignore_special_tokens: give special tokens (BOS, chat markers, padding) zero weight in the pooled embedding.
+        routing_layer: the routing signal (`routing.signal`): 0 = the masked mean of the input embedding (the paper's
+            space), k > 0 = the masked mean of the backbone's base hidden state after decoder layer k (routable
+            tokens only, no LoRA). Centroids, center, whitening and ood statistics live in that space. Token routing
+            re-routes on the input embedding, so it needs routing_layer 0.
         reject_threshold: rows whose best score is below it are routed to ``"__base__"`` (the plain backbone).
         reject: ``None`` (no out-of-distribution rejection, the default) or ``"auto"`` (rows whose ood score exceeds
             the calibrated `ood_threshold` go to ``"__base__"``).
@@ -84,6 +88,7 @@ class AriadneConfig(PreTrainedConfig):
     whitening: str = "none"
     whitening_info: dict[str, Any] | None = None
     ignore_special_tokens: bool = True
+    routing_layer: int = 0
     reject_threshold: float | None = None
     reject: str | None = None
     reject_rate: float = 0.02
@@ -202,6 +207,9 @@ def validate_routing_options(config: Any) -> None:
     rate = getattr(config, "reject_rate", 0.02)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 0.5:
         raise ValueError(f"reject_rate must be a number in (0, 0.5] (target in-domain false-reject rate), got {rate!r}.")
+    layer = getattr(config, "routing_layer", 0)
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ValueError(f"routing_layer must be an integer >= 0 (0 = the input embedding), got {layer!r}.")
     if config.kernel_backend not in KERNEL_BACKENDS:
         raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:

@@ -7,9 +7,11 @@ validator) is `ariadne_hf.bundle.layout`.
 BASE_ADAPTER = "__base__"
 """Adapter name of rows routed to the plain backbone (PEFT's own sentinel for mixed batches)."""
 
-BUNDLE_FORMAT_VERSION = "1.2"
+BUNDLE_FORMAT_VERSION = "1.3"
 """Major.minor of the bundle layout. A bundle with a newer major version is refused. 1.2 added the
-out-of-distribution tables (router.token_counts, router.ood_stats); 1.0/1.1 bundles load unchanged (no ood score)."""
+out-of-distribution tables (router.token_counts, router.ood_stats); 1.0/1.1 bundles load unchanged (no ood score).
+1.3 stores the token counts sparse (router.token_count_keys / router.token_count_values) and adds routing_layer to
+config.json (absent = 0); 1.2 bundles (dense router.token_counts) load unchanged."""
 
 CONFIG_NAME = "config.json"
 ROUTER_WEIGHTS_NAME = "model.safetensors"
@@ -35,5 +37,10 @@ ROUTER_CENTROID_ADAPTER = "router.centroid_adapter"  # [K] int64
 ROUTER_CENTER = "router.center"  # [D] fp32, optional
 ROUTER_TOKEN_WEIGHTS = "router.token_weights"  # [V] fp32, optional
 ROUTER_TRANSFORM = "router.transform"  # [D, D] fp32, optional (whitening W)
-ROUTER_TOKEN_COUNTS = "router.token_counts"  # [A, V] int64, optional (ood: token occurrences per adapter)
+ROUTER_TOKEN_COUNTS = "router.token_counts"  # [A, V] int64, read only (bundles 1.2: dense token counts)
+ROUTER_TOKEN_KEYS = "router.token_count_keys"  # [nnz] int64 sorted adapter * V + token, optional (ood, sparse)
+ROUTER_TOKEN_VALUES = "router.token_count_values"  # [nnz] int64 > 0, with ROUTER_TOKEN_KEYS (occurrences)
+TOKEN_ROUTER_PREFIX = "token_router."
+"""Prefix of the token-routing router's tensors (its own centroid table in the input-embedding space, stored when
+routing_layer > 0: token routing re-routes on the input embedding while decoding), e.g. token_router.router.centroids."""
 ROUTER_OOD_STATS = "router.ood_stats"  # [2, 4] fp32, optional (ood: z-score mean and sd per component)

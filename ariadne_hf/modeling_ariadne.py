@@ -17,6 +17,7 @@ from .lora import LoraBank, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .routing.inputs import tokenize_prompts
 from .routing.router import AriadneRouter, RoutingDecision
+from .routing.signal import RoutingSignal, signal_for
 
 _UNSET: Any = object()
 
@@ -45,6 +46,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         if lora.names != list(config.adapter_names):
             raise ValueError(f"The LoRA bank holds {lora.names} but the config routes to {config.adapter_names}.")
         self.router = AriadneRouter(config.adapter_names, config.embedding_dim, config.distance)
+        self.embedding_router: AriadneRouter | None = None  # token routing's input-embedding router (routing_layer > 0)
         self.backbone = backbone  # the transformers model, with RoutedLoraLinear layers swapped in
         self.lora = lora
         self.tokenizer = tokenizer
@@ -114,6 +116,28 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self):
         return self.backbone.get_output_embeddings()
+
+    @property
+    def token_router(self) -> AriadneRouter:
+        """The router token routing scores with: it re-routes on the input embedding while decoding, so for
+        routing_layer > 0 it is the input-embedding router built alongside (`embedding_router`), else `router`."""
+        if not self.config.routing_layer:
+            return self.router
+        if self.embedding_router is None:
+            raise ValueError(f"Token-level routing re-routes on the input embedding, and this routing_layer="
+                             f"{self.config.routing_layer} model has no input-embedding router. Rebuild it with "
+                             "from_adapters, or use routing='sequence'.")
+        return self.embedding_router
+
+    @property
+    def routing_signal(self) -> RoutingSignal:
+        """What this model routes on (`config.routing_layer`, see `routing.signal`), over its own backbone."""
+        layer = self.config.routing_layer
+        cached = getattr(self, "_routing_signal_cache", None)
+        if cached is None or cached[0] != layer:
+            cached = (layer, signal_for(self.backbone, layer).hidden)
+            self._routing_signal_cache = cached
+        return RoutingSignal(self.get_input_embeddings().weight.detach(), cached[1])
 
     # ---- routing ------------------------------------------------------------------------------------------
     def route(

@@ -61,7 +61,8 @@ def test_unwhitened_bundle_has_no_transform_and_reloads(tiny_assets, tmp_path, m
     model.save_pretrained(tmp_path / "plain")
     with safe_open(str(tmp_path / "plain" / "model.safetensors"), "pt") as handle:
         assert set(handle.keys()) == {"router.centroids", "router.centroid_adapter", "router.center",
-                                      "router.token_weights", "router.token_counts", "router.ood_stats"}
+                                      "router.token_weights", "router.token_count_keys", "router.token_count_values",
+                                      "router.ood_stats"}
     loaded = AriadneRoutedModel.from_pretrained(tmp_path / "plain")
     assert loaded.config.whitening == "none" and loaded.router.optional_transform() is None
     assert torch.equal(loaded.route(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).scores,

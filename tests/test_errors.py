@@ -74,7 +74,8 @@ def test_centroids_of_another_dimension_or_vocab_are_refused(bundle_copy, tmp_pa
     tensors = load_file(router_path)
     tensors["router.centroids"] = torch.randn(tensors["router.centroids"].shape[0], 32)
     tensors["router.center"], tensors["router.transform"] = torch.zeros(32), torch.eye(32)
-    tensors.pop("router.token_counts"), tensors.pop("router.ood_stats")  # (their own checks: test_ood.py)
+    for key in ("router.token_count_keys", "router.token_count_values", "router.ood_stats"):
+        tensors.pop(key)  # (their own checks: test_ood.py)
     save_file(tensors, router_path)
     _edit_config(bundle_copy, router_sha256=None)
     with pytest.raises(BundleError, match=r"centroids have shape .*embedding_dim 64"):

@@ -9,7 +9,13 @@ from safetensors.torch import load_file, save_file
 
 from ariadne_hf import BASE_ADAPTER, AriadneRoutedModel
 from ariadne_hf.bundle.errors import BundleError
-from ariadne_hf.constants import ROUTER_OOD_STATS, ROUTER_TOKEN_COUNTS, ROUTER_WEIGHTS_NAME
+from ariadne_hf.constants import (
+    ROUTER_OOD_STATS,
+    ROUTER_TOKEN_COUNTS,
+    ROUTER_TOKEN_KEYS,
+    ROUTER_TOKEN_VALUES,
+    ROUTER_WEIGHTS_NAME,
+)
 from ariadne_hf.routing.calibration import (
     auroc,
     calibrate_ood,
@@ -18,7 +24,13 @@ from ariadne_hf.routing.calibration import (
     fpr_at_tpr,
     ood_summary,
 )
-from ariadne_hf.routing.ood import ALPHA, ood_components, token_tables
+from ariadne_hf.routing.ood import (
+    ALPHA,
+    SparseTokenCounts,
+    ood_components,
+    ood_components_sparse,
+    token_tables,
+)
 
 
 def test_components_match_a_per_row_python_oracle():
@@ -49,6 +61,26 @@ def test_components_match_a_per_row_python_oracle():
         expected = [-ordered[0], -(ordered[0] - ordered[1]), unseen, -mean_llr]
         assert torch.allclose(out[b], torch.tensor(expected, dtype=torch.float32), atol=1e-5), (b, out[b], expected)
     assert bool(torch.isnan(out[4]).all())
+
+
+def test_sparse_token_tables_equal_the_dense_ones_and_edit_like_them():
+    gen = torch.Generator().manual_seed(3)
+    vocab, adapters = 40, 4
+    counts = torch.randint(0, 3, (adapters, vocab), generator=gen) * (torch.rand(adapters, vocab, generator=gen) > 0.6)
+    sparse = SparseTokenCounts.from_dense(counts)
+    assert torch.equal(sparse.dense(), counts) and sparse.keys.numel() == int((counts > 0).sum())
+    ids = torch.randint(0, vocab, (6, 9), generator=gen)
+    weights = (torch.rand(6, 9, generator=gen) > 0.2).float()
+    scores = torch.randn(6, adapters, generator=gen)
+    assert torch.allclose(ood_components_sparse(ids, weights, scores, sparse),
+                          ood_components(ids, weights, scores, *token_tables(counts)), atol=1e-6, equal_nan=True)
+    lists = [[[t for t in range(vocab) for _ in range(int(counts[a, t]))]] for a in range(adapters)]
+    assert torch.equal(SparseTokenCounts.from_token_ids(lists, vocab).dense(), counts)
+    grown = sparse.append([[5, 5, 7]])
+    assert grown.num_adapters == adapters + 1 and grown.dense()[-1, 5] == 2 and grown.dense()[-1, 7] == 1
+    assert torch.equal(grown.drop(1).dense(), torch.cat([counts[:1], counts[2:], grown.dense()[-1:]]))
+    with pytest.raises(ValueError, match="sorted, unique"):
+        SparseTokenCounts(sparse.keys.flip(0), sparse.values, adapters, vocab)
 
 
 def test_auroc_matches_pairwise_count_and_fpr_at_tpr():
@@ -84,7 +116,7 @@ def test_calibration_is_cross_fitted_and_hits_its_target_on_held_out_prompts():
     assert first.threshold == again.threshold and torch.equal(first.stats, again.stats)
     assert first.info["heldout_prompts"] == 180 and first.info["folds"] == 5
     assert abs(first.info["heldout_reject_rate"] - 0.05) <= 1 / 180 + 1e-9
-    assert first.token_counts.shape == (3, vocab) and int(first.token_counts.sum()) == 3 * 60 * 6
+    assert first.token_counts.dense().shape == (3, vocab) and int(first.token_counts.dense().sum()) == 3 * 60 * 6
     # a prompt's own tokens never count as "seen" when it is held out: a token used once only is unseen then
     single = [[[40 + i] for i in range(10)], [[1, 2]] * 10]
     result = calibrate_ood([pooled[0][:10], pooled[1][:10]], single, vocab, build_kwargs=kwargs, seed=0)
@@ -130,9 +162,25 @@ def test_bundle_round_trip_keeps_ood_tables_and_refuses_broken_ones(tiny_model, 
     assert loaded.config.ood_threshold == tiny_model.config.ood_threshold
     router_file = os.path.join(path, ROUTER_WEIGHTS_NAME)
     tensors = load_file(router_file)
-    tensors[ROUTER_TOKEN_COUNTS] = tensors[ROUTER_TOKEN_COUNTS][:2]
+    keys = tensors[ROUTER_TOKEN_KEYS]
+    tensors[ROUTER_TOKEN_KEYS] = keys + 3 * 200  # adapter indices beyond the 3 adapters
     save_file(tensors, router_file)
     _drop_router_checksum(path)
+    with pytest.raises(BundleError, match="do not fit 3 adapters x 200 tokens"):
+        AriadneRoutedModel.from_pretrained(path)
+    tensors[ROUTER_TOKEN_KEYS] = keys
+    tensors.pop(ROUTER_TOKEN_VALUES)
+    save_file(tensors, router_file)
+    with pytest.raises(BundleError, match="only one of"):
+        AriadneRoutedModel.from_pretrained(path)
+    # a 1.2 bundle: dense [A, V] counts load into the same sparse tables and give the same scores
+    tensors.pop(ROUTER_TOKEN_KEYS)
+    tensors[ROUTER_TOKEN_COUNTS] = tiny_model.router.token_counts
+    save_file(tensors, router_file)
+    dense_loaded = AriadneRoutedModel.from_pretrained(path)
+    assert torch.equal(dense_loaded.route(legal).ood_scores, tiny_model.route(legal).ood_scores)
+    tensors[ROUTER_TOKEN_COUNTS] = tensors[ROUTER_TOKEN_COUNTS][:2]
+    save_file(tensors, router_file)
     with pytest.raises(BundleError, match="one row per adapter"):
         AriadneRoutedModel.from_pretrained(path)
     tensors.pop(ROUTER_TOKEN_COUNTS)

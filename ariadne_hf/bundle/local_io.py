@@ -26,11 +26,14 @@ from ..constants import (
     ROUTER_CENTROIDS,
     ROUTER_OOD_STATS,
     ROUTER_TOKEN_COUNTS,
+    ROUTER_TOKEN_KEYS,
+    ROUTER_TOKEN_VALUES,
     ROUTER_TOKEN_WEIGHTS,
     ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
 )
 from ..lora import LoraBank
+from ..routing.route import router_from_tensors, token_router_from_tensors, token_router_tensors
 from .adapters import check_adapter_dir, file_sha256
 from .errors import AdapterError, BundleError
 from .layout import FIX_SAVE_AGAIN, check_bundle_folder
@@ -114,8 +117,11 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
     if router.optional_transform() is not None:
         tensors[ROUTER_TRANSFORM] = router.transform
     if router.has_ood():
-        tensors[ROUTER_TOKEN_COUNTS] = router.token_counts
+        tensors[ROUTER_TOKEN_KEYS] = router.token_table.keys
+        tensors[ROUTER_TOKEN_VALUES] = router.token_table.values
         tensors[ROUTER_OOD_STATS] = router.ood_stats
+    if getattr(model, "embedding_router", None) is not None and model.config.routing_layer:
+        tensors.update(token_router_tensors(model.embedding_router))
     router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, router_path, metadata={"format": "pt"})
 
@@ -212,17 +218,31 @@ def _read_router(directory: str, config: AriadneConfig) -> dict[str, torch.Tenso
 def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str, torch.Tensor]) -> None:
     """The out-of-distribution tables come as a pair, fit the adapter list and vocabulary, and match the config."""
     counts, stats = tensors.get(ROUTER_TOKEN_COUNTS), tensors.get(ROUTER_OOD_STATS)
+    keys, values = tensors.get(ROUTER_TOKEN_KEYS), tensors.get(ROUTER_TOKEN_VALUES)
     where = f"Bundle {directory}: {ROUTER_WEIGHTS_NAME}"
-    if (counts is None) != (stats is None):
-        raise BundleError(f"{where} holds only one of {ROUTER_TOKEN_COUNTS!r} and {ROUTER_OOD_STATS!r}; the router "
+    if (keys is None) != (values is None):
+        raise BundleError(f"{where} holds only one of {ROUTER_TOKEN_KEYS!r} and {ROUTER_TOKEN_VALUES!r}; the router "
                           "file is corrupt. Rebuild the bundle with from_adapters.")
-    if counts is None:
+    tables = counts if keys is None else keys
+    if (tables is None) != (stats is None):
+        raise BundleError(f"{where} holds only one of the token counts ({ROUTER_TOKEN_KEYS!r}, or "
+                          f"{ROUTER_TOKEN_COUNTS!r} before 1.3) and {ROUTER_OOD_STATS!r}; the router file is corrupt. "
+                          "Rebuild the bundle with from_adapters.")
+    if tables is None:
         if getattr(config, "reject", None) == "auto":
             raise BundleError(f"{where} has no out-of-distribution tables but config.json says reject='auto'. Set "
                               "reject to null in config.json or rebuild the bundle with from_adapters.")
         return
     vocab = config.embedding_vocab_size
-    if (counts.ndim != 2 or counts.shape[0] != len(config.adapter_names)
+    if keys is not None:
+        from ..routing.ood import SparseTokenCounts
+
+        try:
+            SparseTokenCounts(keys, values, len(config.adapter_names), int(vocab))
+        except (ValueError, TypeError) as err:
+            raise BundleError(f"{where}: the sparse token counts do not fit {len(config.adapter_names)} adapters x "
+                              f"{vocab} tokens ({err}); the router file belongs to another bundle.") from err
+    elif (counts.ndim != 2 or counts.shape[0] != len(config.adapter_names)
             or (vocab is not None and counts.shape[1] != vocab) or counts.dtype.is_floating_point
             or bool((counts < 0).any())):
         raise BundleError(f"{where}: {ROUTER_TOKEN_COUNTS!r} has shape {tuple(counts.shape)} and dtype {counts.dtype} "
@@ -313,10 +333,12 @@ def load_bundle(cls, name_or_path, **kwargs: Any):
         layout.sha256 = (config.adapters.get(layout.name) or {}).get("sha256")
     lora.add(layouts)
     model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
-    model.router.set_tables(router[ROUTER_CENTROIDS], router[ROUTER_CENTROID_ADAPTER],
-                            router.get(ROUTER_CENTER), router.get(ROUTER_TOKEN_WEIGHTS), router.get(ROUTER_TRANSFORM))
-    model.router.set_ood(router.get(ROUTER_TOKEN_COUNTS), router.get(ROUTER_OOD_STATS))
+    model.router = router_from_tensors(config, router)
+    if config.routing_layer:
+        model.embedding_router = token_router_from_tensors(config, router)
     model.router.to(backbone.get_input_embeddings().weight.device)
+    if model.embedding_router is not None:
+        model.embedding_router.to(backbone.get_input_embeddings().weight.device)
     model.eval()
     return model
 

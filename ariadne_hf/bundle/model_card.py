@@ -163,7 +163,11 @@ def _adapter_rows(cfg: dict, names: list[str], counts: list[int], report: dict |
 
 def _routing_rows(cfg: dict) -> list[tuple[str, str]]:
     threshold = cfg.get("reject_threshold")
+    layer = int(cfg.get("routing_layer") or 0)
     rows = [
+        ("routing signal", "input embedding (masked mean of the prompt's token embeddings; routing_layer 0)" if not layer
+         else f"masked mean of the backbone's base hidden state after decoder layer {layer} (routing_layer {layer}; "
+              "token routing re-routes on the input embedding)"),
         ("distance", cfg.get("distance", "cosine")),
         ("centering (subtract the mean prompt embedding)", "on" if cfg.get("center", True) else "off"),
         ("whitening (shrunk within-adapter covariance)", cfg.get("whitening", "none")),

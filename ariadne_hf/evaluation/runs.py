@@ -202,7 +202,7 @@ def evaluate_bundle(model, rows: list[dict], *, task_to_adapter: dict[str, str] 
 
 def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], test: dict[str, list[str]], *,
                        ood_test: list[str] | None = None, reject: str | None = None, reject_rate: float = 0.02,
-                       max_length: int = 512, batch_size: int = 64, progress: bool = False,
+                       max_length: int = 512, batch_size: int = 64, progress: bool = False, signal=None,
                        **build_kwargs) -> dict:
     """Selection accuracy of a router built from prompt sets alone (no LoRA weights needed).
 
@@ -215,7 +215,9 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
     (prompts of tasks no adapter covers), "ood" holds `calibration.ood_summary` (AUROC, FPR at 95% TPR, in-domain
     false rejects and ood rejects at the calibrated threshold) and the two score lists for histograms.
     Selection accuracy does not depend on adapter weights, so this answers "would these prompt sets be told
-    apart, and would foreign prompts be recognised?" before any adapter is trained.
+    apart, and would foreign prompts be recognised?" before any adapter is trained. `signal` (a
+    `routing.signal.RoutingSignal`, e.g. `signal_for(backbone, k)`) routes on the base hidden state after layer k
+    instead of the input embedding `embed_weight`.
     """
     import torch
 
@@ -225,9 +227,13 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
 
     names = list(train)
     build_kwargs.setdefault("num_centroids", DEFAULT_NUM_CENTROIDS)
+    from ..routing.route import score
+    from ..routing.signal import RoutingSignal
+
+    signal = RoutingSignal(embed_weight) if signal is None else signal
     built = build_router({n: list(train[n]) for n in names}, tokenizer, embed_weight, reject=reject,
                          reject_rate=reject_rate, max_length=max_length, batch_size=batch_size, progress=progress,
-                         **build_kwargs)
+                         signal=signal, **build_kwargs)
     router, calibration = built.router, built.calibration
     threshold = calibration.threshold if calibration is not None and reject == "auto" else None
 
@@ -236,7 +242,7 @@ def router_only_report(tokenizer, embed_weight, train: dict[str, list[str]], tes
         for start in range(0, len(texts), batch_size):
             batch = tokenizer(texts[start:start + batch_size], padding=True, truncation=True, max_length=max_length,
                               return_tensors="pt")
-            scores, best = router.score(batch["input_ids"], batch["attention_mask"], embed_weight)
+            scores, best = score(router, signal, batch["input_ids"], batch["attention_mask"])
             ood_scores = router.ood_scores(batch["input_ids"], batch["attention_mask"], scores)
             predicted += router.decide(scores, best, None, ood_scores, threshold).adapter_names
             ood.append(ood_scores if ood_scores is not None else torch.full((len(best),), float("nan")))

@@ -17,9 +17,10 @@ from .embedding import embed_prompts
 from .inputs import special_token_weights
 from .router import AriadneRouter
 
-OOD_AUTO_MAX_ADAPTERS = 256
-"""The out-of-distribution tables are dense [A, V] token counts (0.4 MB per adapter for a 49k vocabulary): with
-`ood=None` they are built up to this many adapters (or when `reject="auto"` needs them); pass ood=True for more."""
+OOD_AUTO_MAX_ADAPTERS = None
+"""No adapter-count limit on the out-of-distribution tables any more: they are sparse (16 bytes per distinct token
+of an adapter's prompts, `ood.SparseTokenCounts`) and their lookup is a binary search, flat in the adapter count.
+`ood=None` builds them whenever the prompts allow a calibration; `ood=False` skips them."""
 
 
 @dataclass
@@ -36,24 +37,26 @@ def build_router(prompt_lists: dict[str, list[str]], tokenizer, embed_weight: to
                  distance: str = "cosine", center: bool = True, whitening: str = "within",
                  ignore_special_tokens: bool = True, reject: str | None = None, reject_rate: float = 0.02,
                  ood: bool | None = None, seed: int = 0, max_length: int = 512, batch_size: int = 64,
-                 progress: bool = False) -> BuiltRouter:
+                 progress: bool = False, signal=None) -> BuiltRouter:
     """Build the router of adapters `prompt_lists` {name: prompts} (router order = dict order) in the embedding
-    space of `embed_weight` [V, D]: pooled prompt embeddings (special tokens weighted 0 if `ignore_special_tokens`),
-    `build_router_tables`, and the cross-fitted ood calibration for `reject_rate` when `ood` asks for it (None:
-    up to OOD_AUTO_MAX_ADAPTERS adapters, or when `reject="auto"`). Raises ValueError for `ood=False` with
+    space of `embed_weight` [V, D], or of `signal` (a `routing.signal.RoutingSignal`; routing_layer k > 0 pools the
+    base hidden state after layer k, and the tables, whitening and ood statistics live in that space): pooled prompts (special tokens weighted 0 if `ignore_special_tokens`),
+    `build_router_tables`, and the cross-fitted ood calibration for `reject_rate` unless `ood=False` (None: whenever
+    the prompts allow it; required with `reject="auto"`). Raises ValueError for `ood=False` with
     `reject="auto"`, or when `reject="auto"` cannot be calibrated."""
     names = list(prompt_lists)
     if ood is False and reject == "auto":
         raise ValueError("reject='auto' needs the out-of-distribution score: drop ood=False.")
     token_weights = special_token_weights(tokenizer, embed_weight.shape[0]) if ignore_special_tokens else None
     pooled = {n: embed_prompts(prompt_lists[n], tokenizer, embed_weight, token_weights=token_weights,
-                               max_length=max_length, batch_size=batch_size, desc=f"embedding {n}", progress=progress)
+                               max_length=max_length, batch_size=batch_size, desc=f"embedding {n}", progress=progress,
+                               signal=signal)
               for n in names}
     options = dict(num_centroids=num_centroids, distance=distance, center=center, whitening=whitening)
     tables = build_router_tables([pooled[n] for n in names], seed=seed, **options)
-    router = AriadneRouter(names, int(embed_weight.shape[1]), distance)
+    router = AriadneRouter(names, int(tables.centroids.shape[1]), distance)
     router.set_tables(tables.centroids, tables.centroid_adapter, tables.center, token_weights, tables.transform)
-    want_ood = ood if ood is not None else (reject == "auto" or len(names) <= OOD_AUTO_MAX_ADAPTERS)
+    want_ood = ood if ood is not None else True
     calibration = None if not want_ood else calibrate_for_build(
         prompt_lists, pooled, tokenizer, token_weights, int(embed_weight.shape[0]), max_length=max_length,
         build_kwargs=options, reject_rate=reject_rate, seed=seed, required=reject == "auto")
@@ -64,11 +67,12 @@ def build_router(prompt_lists: dict[str, list[str]], tokenizer, embed_weight: to
 
 def centroids_in_space(router: AriadneRouter, prompts: list[str], tokenizer, embed_weight: torch.Tensor, *,
                        num_centroids: int, distance: str, seed: int = 0, max_length: int = 512, batch_size: int = 64,
-                       desc: str = "embedding", progress: bool = False) -> torch.Tensor:
+                       desc: str = "embedding", progress: bool = False, signal=None) -> torch.Tensor:
     """Centroids [k, D] of one new adapter's prompts in `router`'s existing scoring space (its center and whitening
     kept as built): what `add_adapter` appends, touching no other adapter."""
     points = embed_prompts(prompts, tokenizer, embed_weight, token_weights=router.optional_token_weights(),
-                           max_length=max_length, batch_size=batch_size, desc=desc, progress=progress)  # [N, D]
+                           max_length=max_length, batch_size=batch_size, desc=desc, progress=progress,
+                           signal=signal)  # [N, D]
     transform = router.optional_transform()
     points = to_scoring_space(points, router.optional_center(), None if transform is None else transform.cpu())
     return kmeans(points, num_centroids, distance=distance, seed=seed)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels.pool_distance_torch import centroid_scores_ref
-from .ood import COMPONENTS, combine, ood_components, token_counts, token_tables
+from .ood import COMPONENTS, SparseTokenCounts, combine, ood_components_sparse
 
 DEFAULT_FOLDS = 5
 DEFAULT_REJECT_RATE = 0.02
@@ -24,9 +24,9 @@ DEFAULT_REJECT_RATE = 0.02
 
 @dataclass
 class OodCalibration:
-    """token_counts [A, V] int64, stats [2, 4] fp32 (mean, sd per component), threshold, info (JSON-able)."""
+    """token_counts (sparse per-adapter counts), stats [2, 4] fp32 (mean, sd per component), threshold, info."""
 
-    token_counts: torch.Tensor
+    token_counts: SparseTokenCounts
     stats: torch.Tensor
     threshold: float
     info: dict
@@ -106,15 +106,14 @@ def calibrate_ood(pooled: Sequence[torch.Tensor], token_ids: Sequence[list[list[
             continue
         tables = build_router_tables([p[idx] for p, idx in zip(pooled, train, strict=True)], seed=seed,
                                      **build_kwargs)
-        counts = torch.stack([token_counts([ids[i] for i in idx], vocab_size)
-                              for ids, idx in zip(token_ids, train, strict=True)])  # [A, V]
-        seen, llr = token_tables(counts)
+        counts = SparseTokenCounts.from_token_ids([[ids[i] for i in idx] for ids, idx in zip(token_ids, train,
+                                                                                               strict=True)], vocab_size)
         rows = torch.cat([p[idx] for p, idx in zip(pooled, held, strict=True) if idx])  # [n, D]
         scores, _ = centroid_scores_ref(rows, torch.ones(rows.shape[0]), tables.centroids, tables.centroid_adapter,
                                         len(pooled), center=tables.center, transform=tables.transform,
                                         distance=build_kwargs.get("distance", "cosine"))  # [n, A]
         ids, weights = _pad([ids[i] for ids, idx in zip(token_ids, held, strict=True) for i in idx])
-        held_components.append(ood_components(ids, weights, scores, seen, llr))
+        held_components.append(ood_components_sparse(ids, weights, scores, counts))
     components = torch.cat(held_components)  # [N_held, 4]
     components = components[torch.isfinite(components).all(dim=1)]
     mean = components.mean(dim=0)
@@ -123,7 +122,7 @@ def calibrate_ood(pooled: Sequence[torch.Tensor], token_ids: Sequence[list[list[
     stats = torch.stack([mean, sd]).float()  # [2, 4]
     held_scores = combine(components, stats)  # [N_held]
     threshold = float(torch.quantile(held_scores.double(), 1.0 - float(reject_rate)))
-    final_counts = torch.stack([token_counts(ids, vocab_size) for ids in token_ids])  # [A, V]
+    final_counts = SparseTokenCounts.from_token_ids(list(token_ids), vocab_size)
     info = {
         "method": "cross_fit",
         "score": "mean z-score of " + ", ".join(COMPONENTS),

@@ -12,6 +12,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..kernels.pool_distance_torch import pool_embeddings_ref
+from .ood import routing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -91,16 +92,20 @@ def embed_prompts(
     batch_size: int = 64,
     desc: str = "embedding prompts",
     progress: bool = True,
+    signal=None,
 ) -> torch.Tensor:
     """Pooled input-embedding of every prompt: returns [N, D] fp32 on CPU, in prompt order.
 
     Prompts with no routable token (empty after dropping zero-weight tokens) are skipped with a warning.
     Each prompt is tokenized like a routed request (the tokenizer's default special tokens, truncated to
     `max_length`), then pooled as the weighted mean of its token embedding rows (`token_weights` [V]), exactly
-    as the router pools at inference. Batches are sorted by length to limit padding.
+    as the router pools at inference. Batches are sorted by length to limit padding. With `signal` (a
+    `routing.signal.RoutingSignal` of routing_layer k > 0) the rows are that signal's pooled hidden state instead,
+    with the same token weights (`RoutingSignal.pooled`, exactly what routing computes at inference).
     """
+    hidden = None if signal is None or signal.layer == 0 else signal
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    pooled = torch.empty(len(prompts), embed_weight.shape[1], dtype=torch.float32)  # [N, D]
+    pooled = None  # [N, D] fp32, allocated at the first batch (D = the signal's width)
     weight_sums = torch.empty(len(prompts), dtype=torch.float32)  # [N]
     device = embed_weight.device
     weights = None if token_weights is None else token_weights.to(device)
@@ -110,9 +115,15 @@ def embed_prompts(
         batch = tokenizer(
             [prompts[i] for i in index], padding=True, truncation=True, max_length=max_length, return_tensors="pt"
         )
-        rows, sums = pool_embeddings_ref(
-            batch["input_ids"].to(device), batch["attention_mask"].to(device), embed_weight, weights
-        )  # [b, D]
+        if hidden is not None:
+            rows, sums = hidden.pooled(batch["input_ids"], routing_weights(batch["input_ids"], batch["attention_mask"],
+                                                                           weights))  # [b, D], [b]
+        else:
+            rows, sums = pool_embeddings_ref(
+                batch["input_ids"].to(device), batch["attention_mask"].to(device), embed_weight, weights
+            )  # [b, D]
+        if pooled is None:
+            pooled = torch.empty(len(prompts), rows.shape[1], dtype=torch.float32)
         pooled[torch.tensor(index)] = rows.float().cpu()
         weight_sums[torch.tensor(index)] = sums.float().cpu()
         bar.update(len(index))

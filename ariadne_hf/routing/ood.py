@@ -83,3 +83,113 @@ def routing_weights(input_ids: torch.Tensor, attention_mask: torch.Tensor,
         safe = torch.where(attention_mask.bool(), input_ids, torch.zeros_like(input_ids)).long()
         weights = weights * token_weights.to(weights.device)[safe.to(weights.device)]
     return weights
+
+
+class SparseTokenCounts:
+    """Per-adapter token counts stored sparse: only the tokens an adapter's prompts contain.
+
+    ``keys`` [nnz] int64, sorted and unique, ``adapter * vocab + token``; ``values`` [nnz] int64 > 0 (occurrences).
+    Memory is 16 bytes per (adapter, distinct token) pair instead of 8 * V per adapter; `seen_llr` answers the
+    [B, T] lookups of `ood_components` by binary search (O(B T log nnz), flat in the adapter count) and gives
+    exactly the dense `token_tables` values (tested).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, num_adapters: int, vocab: int):
+        if keys.ndim != 1 or values.shape != keys.shape:
+            raise ValueError(f"Sparse token counts: keys {tuple(keys.shape)} and values {tuple(values.shape)} must be "
+                             "[nnz] each.")
+        if keys.dtype.is_floating_point or values.dtype.is_floating_point:
+            raise ValueError("Sparse token counts must be integers.")
+        keys, values = keys.long().contiguous(), values.long().contiguous()
+        if keys.numel() and (bool((keys[1:] <= keys[:-1]).any()) or int(keys[0]) < 0
+                             or int(keys[-1]) >= num_adapters * vocab or bool((values <= 0).any())):
+            raise ValueError("Sparse token counts: keys must be sorted, unique and in [0, A * V); values > 0.")
+        self.keys, self.values, self.num_adapters, self.vocab = keys, values, int(num_adapters), int(vocab)
+        adapters = keys // vocab  # [nnz]
+        self.totals = torch.zeros(num_adapters, dtype=torch.float64).index_add_(0, adapters, values.double())  # [A]
+        self.background = torch.zeros(vocab, dtype=torch.float64).index_add_(0, keys % vocab, values.double())  # [V]
+
+    @classmethod
+    def from_dense(cls, counts: torch.Tensor) -> SparseTokenCounts:
+        """From dense counts [A, V] (bundles written before sparse tables)."""
+        flat = counts.reshape(-1)
+        keys = (flat > 0).nonzero().squeeze(1)
+        return cls(keys, flat[keys], counts.shape[0], counts.shape[1])
+
+    @classmethod
+    def from_token_ids(cls, per_adapter: list[list[list[int]]], vocab: int) -> SparseTokenCounts:
+        """From each adapter's prompts as token-id lists (`per_adapter[a]`)."""
+        keys, values = [], []
+        for adapter, prompts in enumerate(per_adapter):
+            row = sparse_row([t for ids in prompts for t in ids])
+            keys.append(row[0] + adapter * vocab)
+            values.append(row[1])
+        return cls(torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int64),
+                   torch.cat(values) if values else torch.zeros(0, dtype=torch.int64), len(per_adapter), vocab)
+
+    def dense(self) -> torch.Tensor:
+        """Counts [A, V] int64 (tests and small routers only)."""
+        out = torch.zeros(self.num_adapters * self.vocab, dtype=torch.int64)
+        out[self.keys] = self.values
+        return out.reshape(self.num_adapters, self.vocab)
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * 8 + self.values.numel() * 8
+
+    def lookup(self, adapters: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        """Counts [B, T] int64 of token ids [B, T] in the rows' adapters [B, T]."""
+        query = adapters.long().cpu() * self.vocab + ids.long().cpu()  # [B, T]
+        if not self.keys.numel():
+            return torch.zeros_like(query)
+        position = torch.searchsorted(self.keys, query.reshape(-1)).clamp_max(self.keys.numel() - 1)
+        found = self.keys[position] == query.reshape(-1)
+        return torch.where(found, self.values[position], torch.zeros_like(position)).reshape(query.shape)
+
+    def seen_llr(self, adapters: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(seen [B, T] bool, llr [B, T] fp32) at (adapter, token) pairs: `token_tables`' entries."""
+        counts = self.lookup(adapters, ids).double()  # [B, T]
+        ids = ids.long().cpu()
+        p_adapter = (counts + ALPHA) / (self.totals[adapters.long().cpu()] + ALPHA * self.vocab)
+        p_background = (self.background[ids] + ALPHA) / (self.background.sum() + ALPHA * self.vocab)
+        return counts > 0, (p_adapter.log() - p_background.log()).to(torch.float32)
+
+    def append(self, prompts: list[list[int]]) -> SparseTokenCounts:
+        """These counts plus one adapter (its prompts' token ids) at the end."""
+        keys, values = sparse_row([t for ids in prompts for t in ids])
+        return SparseTokenCounts(torch.cat([self.keys, keys + self.num_adapters * self.vocab]),
+                                 torch.cat([self.values, values]), self.num_adapters + 1, self.vocab)
+
+    def drop(self, index: int) -> SparseTokenCounts:
+        """These counts without adapter `index` (later adapters shift down by one)."""
+        adapters = self.keys // self.vocab
+        keep = adapters != index
+        keys = self.keys[keep]
+        keys = torch.where(keys // self.vocab > index, keys - self.vocab, keys)
+        return SparseTokenCounts(keys, self.values[keep], self.num_adapters - 1, self.vocab)
+
+
+def sparse_row(token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(distinct token ids [n] int64 sorted, their counts [n] int64) of one adapter's tokens."""
+    if not token_ids:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    ids, counts = torch.unique(torch.tensor(token_ids, dtype=torch.int64), return_counts=True)
+    return ids, counts
+
+
+def ood_components_sparse(input_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
+                          tables: SparseTokenCounts) -> torch.Tensor:
+    """`ood_components` with the token tables looked up in sparse counts: the same [B, 4] values."""
+    scores = scores.float().cpu()
+    ids = input_ids.cpu().long()
+    weights = weights.cpu().to(torch.float32)
+    best_score, best = scores.max(dim=1)  # [B]
+    margin = best_score - scores.topk(2, dim=1).values[:, 1] if scores.shape[1] >= 2 else torch.zeros_like(best_score)
+    safe = torch.where(weights > 0, ids, torch.zeros_like(ids))  # [B, T]
+    seen, llr = tables.seen_llr(best.unsqueeze(1).expand_as(safe), safe)  # [B, T] each
+    total = weights.sum(dim=1)  # [B]
+    denominator = total.clamp_min(1e-12)
+    seen_share = (seen.float() * weights).sum(1) / denominator
+    mean_llr = (llr * weights).sum(1) / denominator
+    out = torch.stack([-best_score, -margin, 1.0 - seen_share, -mean_llr], dim=1)  # [B, 4]
+    invalid = (total <= 0) | ~torch.isfinite(best_score)
+    return torch.where(invalid.unsqueeze(1), torch.full_like(out, float("nan")), out)

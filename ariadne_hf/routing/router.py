@@ -9,7 +9,7 @@ from torch import nn
 
 from ..constants import BASE_ADAPTER
 from ..kernels import embed_pool_distance
-from .ood import combine, ood_components, routing_weights, token_tables
+from .ood import SparseTokenCounts, combine, ood_components_sparse, routing_weights
 
 
 @dataclass
@@ -115,8 +115,8 @@ class AriadneRouter(nn.Module):
 
     Buffers: `centroids` [K, D] fp32 (unit rows for cosine, in the whitened space), `centroid_adapter` [K] int64,
     `center` [D] fp32 or empty [0], `token_weights` [V] fp32 or empty [0], `transform` [D, D] fp32 (whitening W)
-    or empty [0], `token_counts` [A, V] int64 and `ood_stats` [2, 4] fp32 (out-of-distribution tables, see
-    `ood.py`) or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
+    or empty [0], and the out-of-distribution tables (see `ood.py`): `token_table` (`SparseTokenCounts`, host
+    memory, only the tokens each adapter's prompts contain) or None, and `ood_stats` [2, 4] fp32 or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
     sim(W (pooled - center), C[k]).
     """
 
@@ -129,9 +129,8 @@ class AriadneRouter(nn.Module):
         self.register_buffer("center", torch.zeros(0), persistent=False)
         self.register_buffer("token_weights", torch.zeros(0), persistent=False)
         self.register_buffer("transform", torch.zeros(0), persistent=False)
-        self.register_buffer("token_counts", torch.zeros(0, dtype=torch.int64), persistent=False)
         self.register_buffer("ood_stats", torch.zeros(0), persistent=False)
-        self._ood_tables: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.token_table: SparseTokenCounts | None = None
 
     # ---- tables -------------------------------------------------------------------------------------------
     def set_tables(
@@ -167,43 +166,50 @@ class AriadneRouter(nn.Module):
             raise ValueError(f"Router whitening matrix has shape {tuple(transform.shape)}, expected [{dim}, {dim}].")
         self.transform = empty if transform is None else transform.to(device=device, dtype=torch.float32).contiguous()
 
-    def set_ood(self, token_counts: torch.Tensor | None, stats: torch.Tensor | None) -> None:
-        """Set the out-of-distribution tables: token counts [A, V] (int, >= 0) and z-score stats [2, 4] (sd > 0),
-        or None for both (no ood score)."""
+    def set_ood(self, token_counts: torch.Tensor | SparseTokenCounts | None, stats: torch.Tensor | None) -> None:
+        """Set the out-of-distribution tables: token counts (sparse, or dense [A, V] int >= 0 as bundles before
+        sparse tables stored them) and z-score stats [2, 4] (sd > 0), or None for both (no ood score)."""
         device = self.centroids.device
         if token_counts is None or stats is None:
-            self.token_counts = torch.zeros(0, dtype=torch.int64, device=device)
+            self.token_table = None
             self.ood_stats = torch.zeros(0, device=device)
-            self._ood_tables = None
             return
-        if token_counts.ndim != 2 or token_counts.shape[0] != len(self.adapter_names):
-            raise ValueError(f"Router token counts have shape {tuple(token_counts.shape)}, expected "
-                             f"[{len(self.adapter_names)}, V] (one row per adapter).")
+        if isinstance(token_counts, torch.Tensor):
+            if token_counts.ndim != 2 or token_counts.shape[0] != len(self.adapter_names):
+                raise ValueError(f"Router token counts have shape {tuple(token_counts.shape)}, expected "
+                                 f"[{len(self.adapter_names)}, V] (one row per adapter).")
+            if token_counts.dtype.is_floating_point or bool((token_counts < 0).any()):
+                raise ValueError("Router token counts must be non-negative integers.")
+            token_counts = SparseTokenCounts.from_dense(token_counts.cpu())
+        if token_counts.num_adapters != len(self.adapter_names):
+            raise ValueError(f"Router token counts cover {token_counts.num_adapters} adapters, expected "
+                             f"{len(self.adapter_names)} (one per adapter).")
         if stats.shape != (2, 4) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
             raise ValueError(f"Router ood stats must be finite [2, 4] with positive sd, got {tuple(stats.shape)}.")
-        if token_counts.dtype.is_floating_point or bool((token_counts < 0).any()):
-            raise ValueError("Router token counts must be non-negative integers.")
-        self.token_counts = token_counts.to(device=device, dtype=torch.int64).contiguous()
+        self.token_table = token_counts
         self.ood_stats = stats.to(device=device, dtype=torch.float32).contiguous()
-        self._ood_tables = None
+
+    @property
+    def token_counts(self) -> torch.Tensor:
+        """Dense view [A, V] int64 of the token counts (empty [0] without ood tables; small routers and tests)."""
+        return torch.zeros(0, dtype=torch.int64) if self.token_table is None else self.token_table.dense()
 
     def has_ood(self) -> bool:
-        return self.token_counts.numel() > 0 and self.ood_stats.numel() > 0
+        return self.token_table is not None and self.ood_stats.numel() > 0
 
-    def append_adapter(self, name: str, centroids: torch.Tensor, token_counts: torch.Tensor | None = None) -> None:
-        """Add one adapter's centroids [k, D] (and its token counts [V], when the router has ood tables) at the
-        end; other adapters' centroid rows are untouched."""
+    def append_adapter(self, name: str, centroids: torch.Tensor, prompt_token_ids: list[list[int]] | None = None) -> None:
+        """Add one adapter's centroids [k, D] (and, when the router has ood tables, its prompts' routable token ids)
+        at the end; other adapters' centroid rows are untouched."""
         index = len(self.adapter_names)
-        if self.has_ood() and (token_counts is None or token_counts.shape != (self.token_counts.shape[1],)):
-            raise ValueError(f"append_adapter({name!r}): this router has ood tables; pass the adapter's token counts "
-                             f"[{self.token_counts.shape[1]}].")
+        if self.has_ood() and prompt_token_ids is None:
+            raise ValueError(f"append_adapter({name!r}): this router has ood tables; pass the adapter's prompts' "
+                             "token ids.")
         self.adapter_names.append(name)
         owner = torch.full((centroids.shape[0],), index, dtype=torch.int64, device=self.centroid_adapter.device)
         self.centroids = torch.cat([self.centroids, centroids.to(self.centroids)])
         self.centroid_adapter = torch.cat([self.centroid_adapter, owner])
         if self.has_ood():
-            self.token_counts = torch.cat([self.token_counts, token_counts.to(self.token_counts).unsqueeze(0)])
-            self._ood_tables = None
+            self.token_table = self.token_table.append(prompt_token_ids)
 
     def drop_adapter(self, name: str) -> None:
         """Remove one adapter and its centroids; later adapters shift down by one index."""
@@ -214,8 +220,7 @@ class AriadneRouter(nn.Module):
         self.centroid_adapter = torch.where(shifted > index, shifted - 1, shifted)
         self.adapter_names.pop(index)
         if self.has_ood():
-            self.token_counts = torch.cat([self.token_counts[:index], self.token_counts[index + 1:]])
-            self._ood_tables = None
+            self.token_table = self.token_table.drop(index)
 
     def optional_center(self) -> torch.Tensor | None:
         return self.center if self.center.numel() else None
@@ -254,6 +259,17 @@ class AriadneRouter(nn.Module):
         )
 
     @torch.no_grad()
+    def score_pooled(self, pooled: torch.Tensor, weight_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score already pooled rows [B, D] (weight sums [B], 0 = empty row): (scores [B, A] fp32, best [B] int64),
+        the semantics of `score` after its pooling step (`centroid_scores_ref`)."""
+        from ..kernels.pool_distance_torch import centroid_scores_ref
+
+        device = self.centroids.device
+        return centroid_scores_ref(pooled.to(device), weight_sum.to(device), self.centroids, self.centroid_adapter,
+                                   len(self.adapter_names), center=self.optional_center(),
+                                   transform=self.optional_transform(), distance=self.distance)
+
+    @torch.no_grad()
     def context(self, input_ids, attention_mask, embed_weight, *, backend: str | None = None):
         """Score the prompts and return the state token routing continues from.
 
@@ -279,16 +295,12 @@ class AriadneRouter(nn.Module):
                    scores: torch.Tensor) -> torch.Tensor | None:
         """Out-of-distribution score [B] fp32 of scored rows (`ood.py`), nan for empty rows; None without tables.
 
-        One extra torch step after the routing kernel (a [B, T] gather from two [A, V] tables)."""
+        One extra host step after the routing kernel: [B, T] binary searches in the sparse token counts."""
         if not self.has_ood():
             return None
-        if self._ood_tables is None or self._ood_tables[0].device != self.token_counts.device:
-            self._ood_tables = token_tables(self.token_counts)
-        seen, llr = self._ood_tables
-        weights = routing_weights(input_ids.to(seen.device), attention_mask.to(seen.device),
-                                  self.optional_token_weights())  # [B, T]
-        components = ood_components(input_ids, weights, scores.to(seen.device), seen, llr)  # [B, 4]
-        return combine(components, self.ood_stats).float().cpu()
+        weights = routing_weights(input_ids.cpu(), attention_mask.cpu(), self.optional_token_weights())  # [B, T]
+        components = ood_components_sparse(input_ids, weights, scores, self.token_table)  # [B, 4]
+        return combine(components, self.ood_stats.cpu()).float()
 
     def decide(
         self, scores: torch.Tensor, best: torch.Tensor, reject_threshold: float | None = None,
