@@ -11,6 +11,19 @@ from .evaluation.task_metrics import METRICS
 from .kernels.checks import DISTANCES
 
 
+
+def routing_layer_arg(value: str) -> str | int:
+    """`--routing-layer`: "auto" or an integer >= 0 (argparse reports anything else as a usage error)."""
+    if value == "auto":
+        return value
+    try:
+        layer = int(value)
+    except ValueError:
+        layer = -1
+    if layer < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer >= 0 (a decoder layer), got {value!r}")
+    return layer
+
 def _pairs(values: list[str], what: str) -> dict[str, str]:
     result = {}
     for value in values or []:
@@ -34,7 +47,7 @@ def cmd_build(args) -> int:
         center=not args.no_center, whitening=args.whitening, seed=args.seed, max_length=args.max_length,
         batch_size=args.batch_size,
         text_field=args.text_field, heldout_prompts=heldout, revision=args.revision,
-        reject_threshold=args.reject_threshold, routing_layer=args.routing_layer if args.routing_layer == "auto" else int(args.routing_layer),
+        reject_threshold=args.reject_threshold, routing_layer=args.routing_layer,
     )
     model.save_pretrained(args.out, include_backbone=args.include_backbone)
     print(f"Wrote bundle {args.out}: {len(adapters)} adapters, {model.router.centroids.shape[0]} centroids.")
@@ -236,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--whitening", choices=WHITENINGS, default="within",
                        help="whiten with the shrunk within-adapter covariance before scoring (default: within)")
     build.add_argument("--reject-threshold", type=float, default=None)
-    build.add_argument("--routing-layer", default="auto", metavar="K",
+    build.add_argument("--routing-layer", type=routing_layer_arg, default="auto", metavar="K",
                        help="route on the base hidden state after decoder layer K (0 = the input embedding; default "
                             "auto: 8/30 of the depth, 8 for SmolLM2-135M, 0 under 12 layers)")
     build.add_argument("--seed", type=int, default=0)

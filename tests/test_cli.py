@@ -49,3 +49,12 @@ def test_cli_errors_name_the_problem_and_exit_with_2(cli_bundle, capsys, tmp_pat
 def test_console_script_is_installed():
     result = subprocess.run([sys.executable, "-m", "ariadne_hf.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0 and "build" in result.stdout
+
+
+@pytest.mark.parametrize("value", ["abc", "-1", "2.5"])
+def test_a_bad_routing_layer_is_a_usage_error_naming_the_accepted_values(value, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "--backbone", "x", "--adapter", "a=x", "--prompts", "a=x", "--routing-layer", value,
+              "--out", str(tmp_path / "b")])
+    assert exit_info.value.code == 2
+    assert f"expected 'auto' or an integer >= 0 (a decoder layer), got {value!r}" in capsys.readouterr().err
