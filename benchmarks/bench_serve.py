@@ -134,12 +134,12 @@ def ray_mode(bundle, prompts, *, clients, requests, new_tokens, timeout) -> dict
 def engine_comparison(args) -> int:
     """`--vllm`: in-process `ariadne serve`, vLLM direct (clients name the adapter the in-process router picks),
     gateway -> vLLM and the routing middleware inside vLLM, on the same bundle (SmolLM2-135M-Instruct, 4 of the
-    packaged demo adapters, tests/vllm_bundle.py) and the same held-out prompts (chat-templated completions, so
+    packaged demo adapters, tests/serving/vllm_bundle.py) and the same held-out prompts (chat-templated completions, so
     the adapters answer instead of stopping at once), one after the other, each server alone on the machine.
 
     vLLM is started once (`ariadne serve BUNDLE --engine vllm`, fp32, the cached CPU venv) and serves the three
     vLLM modes; the in-process server runs before it starts."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "serving"))
     from vllm_bundle import VllmServer, build_smol_bundle, heldout_prompts, prepare_vllm_python
 
     from ariadne_hf.serving.launch import build_gateway_app, build_local_app

@@ -3,7 +3,7 @@
 Guarantees (local and Ray modes; gateway mode and the vLLM middleware forward bodies unchanged and never call this):
 - every parameter of OpenAI's chat and completions requests is IMPLEMENTED, or has NO_EFFECT by definition, or is
   REFUSED; a few (response_format, modalities, best_of, suffix) have no effect with their default value and are
-  refused with any other (tests/test_serving_openai_params.py walks the installed `openai` package's request types
+  refused with any other (tests/serving/test_serving_openai_params.py walks the installed `openai` package's request types
   to enforce it);
 - a refused parameter (with a value that would change the output) is answered with a 400 whose message names the
   parameter and the way out, before anything is queued;

@@ -18,7 +18,7 @@ import httpx
 
 TASKS = ("fact_checker", "physics", "social_support", "logical_fallacy_detection")
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))  # tests/serving -> the checkout
 
 
 def build_smol_bundle(directory: str):

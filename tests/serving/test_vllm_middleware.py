@@ -1,5 +1,5 @@
 """The vLLM routing middleware (`ariadne_hf.serving.vllm.AriadneRouting`) around a recording ASGI app standing in
-for vLLM's API server (fast; the same middleware inside a real vLLM is tested in tests/test_vllm.py), and the
+for vLLM's API server (fast; the same middleware inside a real vLLM is tested in tests/serving/test_vllm.py), and the
 `ariadne serve --engine vllm` command builder and its errors."""
 
 from __future__ import annotations
