@@ -13,7 +13,8 @@ from .building import BuildingMixin
 from .bundle import local_io as bundle_io
 from .call_planning import call_options, plan_call, route_ids
 from .configuration_ariadne import AriadneConfig
-from .lora import LoraBank, install_pregate_hook, use_plan
+from .loading import load_bundle
+from .lora import LoraBank, base_weights_only, install_pregate_hook, use_plan
 from .lora.strategies import generate_grouped
 from .routing.inputs import tokenize_prompts
 from .routing.router import AriadneRouter, RoutingDecision
@@ -67,7 +68,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
     # ---- loading and saving ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Load a bundle (local folder or Hub repo id) and its backbone; see `bundle.local_io.load_bundle`.
+        """Load a bundle (local folder or Hub repo id) and its backbone; see `loading.load_bundle`.
 
         Accepts the usual `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`
         (or `torch_dtype`), `device_map` and `attn_implementation`; the last three reach the backbone.
@@ -77,7 +78,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         """
         if model_args:
             raise TypeError(f"AriadneRoutedModel.from_pretrained takes no positional model arguments, got {model_args}.")
-        return bundle_io.load_bundle(cls, pretrained_model_name_or_path, config=config, **kwargs)
+        return load_bundle(cls, pretrained_model_name_or_path, config=config, **kwargs)
 
     def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
                         is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> None:
@@ -135,7 +136,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         layer = self.config.routing_layer
         cached = getattr(self, "_routing_signal_cache", None)
         if cached is None or cached[0] != layer:
-            cached = (layer, signal_for(self.backbone, layer).hidden)
+            cached = (layer, signal_for(self.backbone, layer, base_weights=base_weights_only).hidden)
             self._routing_signal_cache = cached
         return RoutingSignal(self.get_input_embeddings().weight.detach(), cached[1])
 

@@ -87,6 +87,7 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, quest
     question with `full`) and the side-by-side examples under "examples"."""
     from ..default_backbone import default_backbone_path
     from ..modeling_ariadne import AriadneRoutedModel
+    from ..routing.report import routing_report
     from .demo_scores import (
         DEFAULT_QUESTIONS_PER_TASK,
         demo_task_scores,
@@ -97,7 +98,7 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, quest
         scores_markdown,
     )
     from .reports import routing_table, write_eval_report
-    from .runs import route_rows, routing_report
+    from .runs import route_rows
 
     if full and questions_per_task is not None:
         raise ValueError("Pass either full=True (every question) or questions_per_task, not both.")
