@@ -58,7 +58,7 @@ def test_routing_pass_bypasses_the_routed_lora_layers(layer_model, tiny_assets):
     signal = HiddenStateSignal(decoder_of(layer_model.backbone), 1, base_weights=base_weights_only)
     unguarded = HiddenStateSignal(decoder_of(layer_model.backbone), 1)  # no base_weights: a plain decoder's signal
     plain = signal.hidden(ids, mask)
-    with use_plan(sequence_plan(layer_model, [1, 1, 1])):  # poetry targets every projection of layer 0
+    with use_plan(sequence_plan(layer_model.lora, layer_model.device, [1, 1, 1])):  # poetry targets every projection of layer 0
         under_plan = signal.hidden(ids, mask)
         unguarded_under_plan = unguarded.hidden(ids, mask)
         lora_out = layer_model.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
