@@ -126,7 +126,7 @@ def load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
     from transformers import AutoModelForCausalLM, PreTrainedModel
 
     if isinstance(base_model, PreTrainedModel):
-        name = getattr(base_model.config, "_name_or_path", "") or getattr(base_model, "name_or_path", "")
+        name = base_model.config.name_or_path or getattr(base_model, "name_or_path", "")
         backbone_id, pinned = pin_backbone(name, revision, token=token) if name else (None, None)
         return base_model, backbone_id, pinned
     if isinstance(base_model, PeftModel):
