@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from transformers import AutoTokenizer
@@ -46,104 +47,127 @@ def _check_adapters_and_prompts(adapters: Mapping[str, Any], prompts: Mapping[st
     return order
 
 
+def resolved_routing_layer(backbone, routing_layer: int | str) -> int:
+    """The routing layer of a build on `backbone`: "auto" resolved for its depth, an integer checked against it."""
+    num_layers = int(text_config(backbone.config).num_hidden_layers)
+    routing_layer = auto_routing_layer(num_layers) if routing_layer == "auto" else routing_layer
+    return check_routing_layer(routing_layer, num_layers)
+
+
+@dataclass
+class BuildInputs:
+    """Everything `from_adapters` reads before building, validated: adapter order, prompts, backbone (and the Hub
+    id / revision it records), tokenizer, and the LoRA bank with every adapter inspected but none loaded."""
+
+    order: list[str]
+    prompt_lists: dict[str, list[str]]
+    backbone: Any
+    backbone_id: str | None
+    backbone_revision: str | None
+    tokenizer: Any
+    lora: LoraBank
+    layouts: list
+
+    @classmethod
+    def load(cls, base_model, adapters, prompts, *, tokenizer, text_field, revision, dtype, device_map, token,
+             max_resident) -> BuildInputs:
+        """Validate names and prompts, resolve every adapter folder, load the backbone, inspect every adapter
+        against it (all before any adapter is loaded); raises ValueError / AdapterError naming the problem."""
+        order = _check_adapters_and_prompts(adapters, prompts)
+        prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in order}
+        adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **({"token": token} if token else {})) for n in order}
+        backbone, backbone_id, backbone_revision = load_backbone_for_build(
+            base_model, revision=revision, dtype=dtype, device_map=device_map, token=token)
+        lora = LoraBank(backbone, max_resident=max_resident)
+        layouts = [lora.inspect(n, adapter_dirs[n]) for n in order]
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
+        return cls(order, prompt_lists, backbone, backbone_id, backbone_revision, tokenizer, lora, layouts)
+
+    @property
+    def embed_weight(self):
+        """The backbone's input embedding table [V, D] (detached)."""
+        return self.backbone.get_input_embeddings().weight.detach()
+
+    def new_config(self, **fields: Any) -> AriadneConfig:
+        """The config of this build: backbone reference, adapter order, embedding table identity, chat-template
+        affixes, and `fields` (routing options and any other AriadneConfig field)."""
+        embed_weight = self.embed_weight
+        config = AriadneConfig(
+            backbone_name_or_path=self.backbone_id, backbone_revision=self.backbone_revision,
+            adapter_names=self.order, embedding_dim=int(embed_weight.shape[1]),
+            embedding_vocab_size=int(embed_weight.shape[0]), embedding_fingerprint=embedding_fingerprint(embed_weight),
+            **fields)
+        config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(self.tokenizer)
+        return config
+
+    def record(self, config: AriadneConfig, built) -> None:
+        """Store the build's results in `config` (whitening info, per-adapter summaries with sha256, ood threshold
+        and calibration) and load every adapter into the bank."""
+        config.whitening_info = built.tables.whitening_info
+        for layout, count in zip(self.layouts, built.tables.centroid_counts, strict=True):
+            summary = adapter_summary(layout.config, layout.source, len(self.prompt_lists[layout.name]), count)
+            config.adapters[layout.name], layout.sha256 = summary, summary["sha256"]
+        if built.calibration is not None:
+            config.ood_threshold, config.ood_calibration = built.calibration.threshold, built.calibration.info
+        self.lora.add(self.layouts)
+
+
 class BuildingMixin:
     """`from_adapters`, `add_adapter`, `remove_adapter`, `evaluate_heldout` (mixed into `AriadneRoutedModel`)."""
 
     @classmethod
     def from_adapters(
-        cls,
-        base_model: str | os.PathLike | Any,
-        adapters: Mapping[str, str | os.PathLike],
-        prompts: Mapping[str, Any],
-        *,
-        tokenizer=None,
-        num_centroids: int = DEFAULT_NUM_CENTROIDS,
-        distance: str = "cosine",
-        center: bool = True,
-        whitening: str = "within",
-        ignore_special_tokens: bool = True,
-        routing_layer: int | str = "auto",
-        reject_threshold: float | None = None,
-        reject: str | None = None,
-        reject_rate: float = 0.02,
-        ood: bool | None = None,
-        seed: int = 0,
-        max_length: int = 512,
-        batch_size: int = 64,
-        text_field: str = "text",
-        heldout_prompts: Mapping[str, Any] | None = None,
-        revision: str | None = None,
-        dtype: Any = None,
-        device_map: Any = None,
-        token: str | None = None,
-        progress: bool = True,
-        **config_kwargs: Any,
+        cls, base_model: str | os.PathLike | Any, adapters: Mapping[str, str | os.PathLike], prompts: Mapping[str, Any],
+        *, tokenizer=None, num_centroids: int = DEFAULT_NUM_CENTROIDS, distance: str = "cosine", center: bool = True,
+        whitening: str = "within", ignore_special_tokens: bool = True, routing_layer: int | str = "auto",
+        reject_threshold: float | None = None, reject: str | None = None, reject_rate: float = 0.02,
+        ood: bool | None = None, seed: int = 0, max_length: int = 512, batch_size: int = 64, text_field: str = "text",
+        heldout_prompts: Mapping[str, Any] | None = None, revision: str | None = None, dtype: Any = None,
+        device_map: Any = None, token: str | None = None, progress: bool = True, **config_kwargs: Any,
     ):
         """Build a routed model from a backbone, PEFT LoRA adapters and a sample of each adapter's prompts.
 
         Training-free: each adapter's prompts are embedded in the routing signal's space (`routing_layer` 0: the
         masked mean of the backbone's input token embeddings; k > 0: the masked mean of its base hidden state after
         decoder layer k over the routable tokens, see `ariadne_hf.routing.signal`; "auto", the default: layer
-        round(8/30 x depth), e.g. 8 for SmolLM2-135M's 30 layers, 0 for backbones under 12 layers), centered on the mean of all prompts, whitened with the shrunk within-adapter
-        covariance (`whitening="within"`, see `ariadne_hf.routing.whitening`) and clustered into at most
-        `num_centroids` centroids (seeded k-means++; spherical for cosine). Everything is validated before the heavy
-        work: every adapter needs prompts and vice versa, adapters must be LoRA folders with safetensors weights that
-        fit the backbone. Other keyword arguments are `AriadneConfig` fields (e.g. `routing="token"`,
-        `max_resident_adapters=64`).
+        round(8/30 x depth), e.g. 8 for SmolLM2-135M's 30 layers, 0 for backbones under 12 layers), centered on the
+        mean of all prompts, whitened with the shrunk within-adapter covariance (`whitening="within"`, see
+        `ariadne_hf.routing.whitening`) and clustered into at most `num_centroids` centroids (seeded k-means++;
+        spherical for cosine). Everything is validated before the heavy work: every adapter needs prompts and vice
+        versa, adapters must be LoRA folders with safetensors weights that fit the backbone. Other keyword arguments
+        are `AriadneConfig` fields (e.g. `routing="token"`, `max_resident_adapters=64`).
 
         `heldout_prompts` (same form as `prompts`) are routed once to measure selection accuracy; the result is
         stored in the config (`routing_report`) and shown on the model card.
 
         The out-of-distribution threshold is always calibrated (cross-fitted on held-out folds of the prompts for
         an in-domain false-reject rate of `reject_rate`, see `ariadne_hf.routing.calibration`); `reject="auto"`
-        applies it by default (rows above it go to ``"__base__"``), `reject=None` only reports
-        `RoutingDecision.ood_scores`. The score's token tables are sparse (only the tokens each adapter's prompts
-        contain, `routing.ood.SparseTokenCounts`; looked up by binary search, flat in the adapter count): `ood=None`
-        and `ood=True` compute them, `ood=False` never (then routing reads only the centroid table).
+        applies it (rows above it go to ``"__base__"``), `reject=None` only reports `RoutingDecision.ood_scores`.
+        The score's token tables are sparse (only the tokens each adapter's prompts contain,
+        `routing.ood.SparseTokenCounts`; flat in the adapter count): `ood=None` and `ood=True` compute them,
+        `ood=False` never (then routing reads only the centroid table).
         """
-        order = _check_adapters_and_prompts(adapters, prompts)
         if routing_layer != "auto":
             check_routing_layer(routing_layer, None)
-        prompt_lists = {n: load_prompts(prompts[n], text_field=text_field, name=n) for n in order}
-        adapter_dirs = {n: resolve_adapter_dir(adapters[n], n, **({"token": token} if token else {})) for n in order}
-        backbone, backbone_id, backbone_revision = load_backbone_for_build(
-            base_model, revision=revision, dtype=dtype, device_map=device_map, token=token)
-        lora = LoraBank(backbone, max_resident=config_kwargs.get("max_resident_adapters"))
-        layouts = [lora.inspect(n, adapter_dirs[n]) for n in order]  # all validated before any is loaded
-        if tokenizer is None:
-            tokenizer = AutoTokenizer.from_pretrained(backbone_id, revision=backbone_revision, token=token)
-        embed_weight = backbone.get_input_embeddings().weight.detach()  # [V, D]
-        num_layers = int(text_config(backbone.config).num_hidden_layers)
-        routing_layer = auto_routing_layer(num_layers) if routing_layer == "auto" else routing_layer
-        check_routing_layer(routing_layer, num_layers)
-        config = AriadneConfig(
-            backbone_name_or_path=backbone_id, backbone_revision=backbone_revision, adapter_names=order,
-            embedding_dim=int(embed_weight.shape[1]), embedding_vocab_size=int(embed_weight.shape[0]),
-            embedding_fingerprint=embedding_fingerprint(embed_weight), num_centroids=num_centroids, distance=distance,
-            center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
-            routing_layer=routing_layer, reject_threshold=reject_threshold, reject=reject, reject_rate=reject_rate, max_prompt_tokens=max_length,
-            **config_kwargs,
-        )
-        config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
-        signal = signal_for(backbone, routing_layer, base_weights=base_weights_only)
-        built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
-                             center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
-                             reject=reject, reject_rate=reject_rate, ood=ood, seed=seed, max_length=max_length,
-                             batch_size=batch_size, progress=progress, signal=signal)
-        config.whitening_info = built.tables.whitening_info
-        for layout, count in zip(layouts, built.tables.centroid_counts, strict=True):
-            summary = adapter_summary(layout.config, layout.source, len(prompt_lists[layout.name]), count)
-            config.adapters[layout.name], layout.sha256 = summary, summary["sha256"]
-        if built.calibration is not None:
-            config.ood_threshold, config.ood_calibration = built.calibration.threshold, built.calibration.info
-        lora.add(layouts)
-        model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
-        model.router = built.router.to(embed_weight.device)
+        inputs = BuildInputs.load(base_model, adapters, prompts, tokenizer=tokenizer, text_field=text_field,
+                                  revision=revision, dtype=dtype, device_map=device_map, token=token,
+                                  max_resident=config_kwargs.get("max_resident_adapters"))
+        routing_layer = resolved_routing_layer(inputs.backbone, routing_layer)
+        space = dict(num_centroids=num_centroids, distance=distance, center=center, whitening=whitening,
+                     ignore_special_tokens=ignore_special_tokens)
+        config = inputs.new_config(routing_layer=routing_layer, reject_threshold=reject_threshold, reject=reject,
+                                   reject_rate=reject_rate, max_prompt_tokens=max_length, **space, **config_kwargs)
+        build = dict(space, seed=seed, max_length=max_length, batch_size=batch_size)  # one routing space, built twice
+        built = build_router(inputs.prompt_lists, inputs.tokenizer, inputs.embed_weight, reject=reject,
+                             reject_rate=reject_rate, ood=ood, progress=progress, **build,
+                             signal=signal_for(inputs.backbone, routing_layer, base_weights=base_weights_only))
+        inputs.record(config, built)
+        model = cls(config, backbone=inputs.backbone, lora=inputs.lora, tokenizer=inputs.tokenizer)
+        model.router = built.router.to(inputs.embed_weight.device)
         if routing_layer:  # token routing re-routes on the input embedding: its own table in that space
-            model.embedding_router = build_router(
-                prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance, center=center,
-                whitening=whitening, ignore_special_tokens=ignore_special_tokens, ood=False, seed=seed,
-                max_length=max_length, batch_size=batch_size, progress=False).router.to(embed_weight.device)
+            model.embedding_router = build_router(inputs.prompt_lists, inputs.tokenizer, inputs.embed_weight, ood=False,
+                                                  progress=False, **build).router.to(inputs.embed_weight.device)
         if heldout_prompts is not None:
             model.evaluate_heldout(heldout_prompts, text_field=text_field, batch_size=batch_size)
         return model
