@@ -48,6 +48,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         self.backbone = backbone  # the transformers model, with RoutedLoraLinear layers swapped in
         self.lora = lora
         self.tokenizer = tokenizer
+        self._routing_signal_cache: tuple | None = None  # (routing_layer, its HiddenStateSignal or None)
         backbone_generation = getattr(backbone, "generation_config", None)
         if backbone_generation is not None:
             self.generation_config = backbone_generation
@@ -131,7 +132,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
     def routing_signal(self) -> RoutingSignal:
         """What this model routes on (`config.routing_layer`, see `routing.signal`), over its own backbone."""
         layer = self.config.routing_layer
-        cached = getattr(self, "_routing_signal_cache", None)
+        cached = self._routing_signal_cache
         if cached is None or cached[0] != layer:
             cached = (layer, signal_for(self.backbone, layer, base_weights=base_weights_only).hidden)
             self._routing_signal_cache = cached
