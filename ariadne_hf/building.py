@@ -15,13 +15,14 @@ from typing import Any
 from transformers import AutoTokenizer
 
 from .bundle.adapters import adapter_summary, resolve_adapter_dir
-from .bundle.local_io import load_backbone_for_build
 from .configuration_ariadne import AriadneConfig, check_adapter_names, validate_adapter_name
-from .lora import LoraBank
+from .loading import load_backbone_for_build
+from .lora import LoraBank, base_weights_only
 from .routing.build import build_router, centroids_in_space
 from .routing.calibration import routable_token_ids
 from .routing.centroids import DEFAULT_NUM_CENTROIDS
 from .routing.embedding import load_prompts
+from .routing.report import routing_report
 from .routing.router import chat_template_affixes, embedding_fingerprint
 from .routing.signal import auto_routing_layer, check_routing_layer, signal_for, text_config
 
@@ -124,7 +125,7 @@ class BuildingMixin:
             **config_kwargs,
         )
         config.template_prefix_ids, config.template_suffix_ids = chat_template_affixes(tokenizer)
-        signal = signal_for(backbone, routing_layer)
+        signal = signal_for(backbone, routing_layer, base_weights=base_weights_only)
         built = build_router(prompt_lists, tokenizer, embed_weight, num_centroids=num_centroids, distance=distance,
                              center=center, whitening=whitening, ignore_special_tokens=ignore_special_tokens,
                              reject=reject, reject_rate=reject_rate, ood=ood, seed=seed, max_length=max_length,
@@ -199,8 +200,6 @@ class BuildingMixin:
 
     def evaluate_heldout(self, prompts: Mapping[str, Any], *, text_field: str = "text", batch_size: int = 64) -> dict:
         """Route held-out prompts of known adapters; store and return the routing report (selection accuracy)."""
-        from .evaluation.runs import routing_report
-
         texts, labels = [], []
         for name, source in prompts.items():
             check_adapter_names(self.config, [name])

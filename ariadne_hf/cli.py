@@ -11,7 +11,6 @@ from .evaluation.task_metrics import METRICS
 from .kernels.checks import DISTANCES
 
 
-
 def routing_layer_arg(value: str) -> str | int:
     """`--routing-layer`: "auto" or an integer >= 0 (argparse reports anything else as a usage error)."""
     if value == "auto":

@@ -190,38 +190,46 @@ def check_adapter_names(config: Any, names: list[str]) -> None:
 
 
 def validate_routing_options(config: Any) -> None:
-    """Raise a clear error for any routing option out of its range (shared by config and per-call overrides)."""
+    """Raise a clear error for any option of `config` out of its range: the build-time fields, then
+    `validate_call_options` (the run-time ones a call may override)."""
     if config.distance not in DISTANCES:
         raise ValueError(f"distance must be one of {DISTANCES}, got {config.distance!r}.")
-    if config.routing not in ROUTING_GRANULARITIES:
-        raise ValueError(f"routing must be one of {ROUTING_GRANULARITIES}, got {config.routing!r}.")
-    if config.generation_strategy not in GENERATION_STRATEGIES:
-        raise ValueError(
-            f"generation_strategy must be one of {GENERATION_STRATEGIES}, got {config.generation_strategy!r}."
-        )
     if getattr(config, "whitening", "none") not in WHITENINGS:
         raise ValueError(f"whitening must be one of {WHITENINGS}, got {config.whitening!r}.")
-    if getattr(config, "reject", None) not in REJECT_MODES:
-        raise ValueError(f"reject must be None or 'auto' (reject out-of-distribution prompts at the calibrated "
-                         f"threshold), got {config.reject!r}. For a fixed best-score threshold use reject_threshold=.")
     rate = getattr(config, "reject_rate", 0.02)
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0.0 < rate <= 0.5:
         raise ValueError(f"reject_rate must be a number in (0, 0.5] (target in-domain false-reject rate), got {rate!r}.")
     layer = getattr(config, "routing_layer", 0)
     if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
         raise ValueError(f"routing_layer must be an integer >= 0 (0 = the input embedding), got {layer!r}.")
-    if config.kernel_backend not in KERNEL_BACKENDS:
-        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {config.kernel_backend!r}.")
     if isinstance(config.num_centroids, bool) or not isinstance(config.num_centroids, int) or config.num_centroids < 1:
         raise ValueError(f"num_centroids must be a positive integer, got {config.num_centroids!r}.")
     resident = getattr(config, "max_resident_adapters", None)
     if resident is not None and (isinstance(resident, bool) or not isinstance(resident, int) or resident < 1):
         raise ValueError(f"max_resident_adapters must be a positive integer or None (all resident), got {resident!r}.")
-    if not isinstance(config.reroute_every, int) or config.reroute_every < 0:
+    validate_call_options(config)
+
+
+def validate_call_options(options: Any) -> None:
+    """Raise a clear error for any run-time routing option of `options` (a config or one call's options) out of
+    its range: routing, generation_strategy, reject, kernel_backend, reroute_every, routing_top_k,
+    routing_temperature."""
+    if options.routing not in ROUTING_GRANULARITIES:
+        raise ValueError(f"routing must be one of {ROUTING_GRANULARITIES}, got {options.routing!r}.")
+    if options.generation_strategy not in GENERATION_STRATEGIES:
         raise ValueError(
-            f"reroute_every must be an integer >= 0 (0 = route once from the prompt), got {config.reroute_every!r}."
+            f"generation_strategy must be one of {GENERATION_STRATEGIES}, got {options.generation_strategy!r}."
         )
-    if not isinstance(config.routing_top_k, int) or config.routing_top_k < 1:
-        raise ValueError(f"routing_top_k must be a positive integer, got {config.routing_top_k!r}.")
-    if not (isinstance(config.routing_temperature, (int, float)) and config.routing_temperature > 0):
-        raise ValueError(f"routing_temperature must be a number > 0, got {config.routing_temperature!r}.")
+    if getattr(options, "reject", None) not in REJECT_MODES:
+        raise ValueError(f"reject must be None or 'auto' (reject out-of-distribution prompts at the calibrated "
+                         f"threshold), got {options.reject!r}. For a fixed best-score threshold use reject_threshold=.")
+    if options.kernel_backend not in KERNEL_BACKENDS:
+        raise ValueError(f"kernel_backend must be one of {KERNEL_BACKENDS}, got {options.kernel_backend!r}.")
+    if not isinstance(options.reroute_every, int) or options.reroute_every < 0:
+        raise ValueError(
+            f"reroute_every must be an integer >= 0 (0 = route once from the prompt), got {options.reroute_every!r}."
+        )
+    if not isinstance(options.routing_top_k, int) or options.routing_top_k < 1:
+        raise ValueError(f"routing_top_k must be a positive integer, got {options.routing_top_k!r}.")
+    if not (isinstance(options.routing_temperature, (int, float)) and options.routing_temperature > 0):
+        raise ValueError(f"routing_temperature must be a number > 0, got {options.routing_temperature!r}.")

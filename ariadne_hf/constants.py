@@ -44,3 +44,7 @@ TOKEN_ROUTER_PREFIX = "token_router."
 """Prefix of the token-routing router's tensors (its own centroid table in the input-embedding space, stored when
 routing_layer > 0: token routing re-routes on the input embedding while decoding), e.g. token_router.router.centroids."""
 ROUTER_OOD_STATS = "router.ood_stats"  # [2, 4] fp32, optional (ood: z-score mean and sd per component)
+
+UNSET: object = object()
+"""A call argument left out (use the config's value); distinct from None, which means "none" for
+`reject_threshold` and `reject`."""

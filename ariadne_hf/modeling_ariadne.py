@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from transformers import GenerationMixin, PreTrainedModel
@@ -11,15 +10,14 @@ from transformers.utils import ModelOutput
 
 from .building import BuildingMixin
 from .bundle import local_io as bundle_io
-from .call_planning import call_options, plan_call, route_ids
+from .call_planning import CallContext, CallOptions, plan_call
 from .configuration_ariadne import AriadneConfig
-from .lora import LoraBank, install_pregate_hook, use_plan
-from .lora.strategies import generate_grouped
-from .routing.inputs import tokenize_prompts
+from .constants import UNSET
+from .loading import load_bundle
+from .lora import LoraBank, base_weights_only, install_pregate_hook
+from .routing.inputs import prompt_ids
 from .routing.router import AriadneRouter, RoutingDecision
 from .routing.signal import RoutingSignal, signal_for
-
-_UNSET: Any = object()
 
 
 class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
@@ -67,7 +65,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
     # ---- loading and saving ------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, config=None, **kwargs):
-        """Load a bundle (local folder or Hub repo id) and its backbone; see `bundle.local_io.load_bundle`.
+        """Load a bundle (local folder or Hub repo id) and its backbone; see `loading.load_bundle`.
 
         Accepts the usual `revision`, `token`, `cache_dir`, `local_files_only`, `force_download`, `dtype`
         (or `torch_dtype`), `device_map` and `attn_implementation`; the last three reach the backbone.
@@ -77,7 +75,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         """
         if model_args:
             raise TypeError(f"AriadneRoutedModel.from_pretrained takes no positional model arguments, got {model_args}.")
-        return bundle_io.load_bundle(cls, pretrained_model_name_or_path, config=config, **kwargs)
+        return load_bundle(cls, pretrained_model_name_or_path, config=config, **kwargs)
 
     def save_pretrained(self, save_directory, *, include_backbone: bool = False, push_to_hub: bool = False,
                         is_main_process: bool = True, safe_serialization: bool = True, **kwargs) -> None:
@@ -135,9 +133,14 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         layer = self.config.routing_layer
         cached = getattr(self, "_routing_signal_cache", None)
         if cached is None or cached[0] != layer:
-            cached = (layer, signal_for(self.backbone, layer).hidden)
+            cached = (layer, signal_for(self.backbone, layer, base_weights=base_weights_only).hidden)
             self._routing_signal_cache = cached
         return RoutingSignal(self.get_input_embeddings().weight.detach(), cached[1])
+
+    def call_context(self) -> CallContext:
+        """What one call's planning reads of this model (router, signal, LoRA bank, device), as it is now."""
+        return CallContext(self.config, self.router, self.routing_signal, self.lora, self.device,
+                           lambda: self.token_router)
 
     # ---- routing ------------------------------------------------------------------------------------------
     def route(
@@ -146,8 +149,8 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         *,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        reject_threshold: float | None = _UNSET,
-        reject: str | None = _UNSET,
+        reject_threshold: float | None = UNSET,
+        reject: str | None = UNSET,
         backend: str | None = None,
     ) -> RoutingDecision:
         """Route prompts (strings, tokenized with the bundle's tokenizer) or token ids [B, T] with mask [B, T].
@@ -157,19 +160,14 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         ``"__base__"``; with `reject="auto"` (default: the config's `reject`) so do rows whose `ood_scores` exceed
         the calibrated threshold. Raises ValueError for malformed ids or ids outside the backbone's vocabulary.
         """
-        if prompts is not None:
-            if input_ids is not None:
-                raise ValueError("route(): pass either prompts or input_ids, not both.")
-            input_ids, attention_mask = tokenize_prompts(self.tokenizer, prompts)
-        elif input_ids is None:
-            raise ValueError("route(): pass prompts (list of strings) or input_ids=[B, T].")
-        return route_ids(self, input_ids, attention_mask,
-                         threshold=self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold,
-                         reject=self.config.reject if reject is _UNSET else reject, backend=backend)
+        input_ids, attention_mask = prompt_ids(self.tokenizer, prompts, input_ids, attention_mask)
+        options = CallOptions.resolve(self.config, self.device, reject_threshold=reject_threshold, reject=reject,
+                                      kernel_backend=backend)
+        return self.call_context().route(input_ids, attention_mask, options)
 
     # ---- inference ------------------------------------------------------------------------------------------
     def forward(self, input_ids=None, attention_mask=None, *, adapter_names=None, adapter_weights=None,
-                reject_threshold=_UNSET, **kwargs):
+                reject_threshold=UNSET, **kwargs):
         """Route each row, then run the backbone with each row's adapter; returns the backbone's output with
         `.routes` (this call's RoutingDecision). `adapter_weights` [B, A] applies a fixed weighted mixture.
 
@@ -177,12 +175,10 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         each routed row repeated contiguously (as after expanding a KV cache per answer choice)."""
         if input_ids is None:
             raise ValueError("AriadneRoutedModel.forward needs input_ids (routing reads the token ids).")
-        _refuse_removed_options(kwargs)
-        call = plan_call(self, input_ids, attention_mask, adapter_names=adapter_names, adapter_weights=adapter_weights,
-                         threshold=self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold,
-                         options=call_options(self.config), generating=False)
-        with use_plan(call.plan):
-            output = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        options = CallOptions.resolve(self.config, self.device, reject_threshold=reject_threshold)
+        call = plan_call(self.call_context(), options, input_ids, attention_mask, adapter_names=adapter_names,
+                         adapter_weights=adapter_weights, generating=False)
+        output = call.forward(self.backbone, input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         if isinstance(output, ModelOutput):
             output.routes = call.decision
         return output
@@ -201,7 +197,7 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         routing_top_k: int | None = None,
         routing_temperature: float | None = None,
         generation_strategy: str | None = None,
-        reject_threshold: float | None = _UNSET,
+        reject_threshold: float | None = UNSET,
         on_route: Callable[[RoutingDecision], None] | None = None,
         **kwargs,
     ):
@@ -216,36 +212,24 @@ class AriadneRoutedModel(BuildingMixin, PreTrainedModel, GenerationMixin):
         With `return_dict_in_generate=True` the output has `.routes` (and `.token_routes` for token routing).
         All other arguments go to transformers' `generate` (greedy, sampling, beams, num_return_sequences, ...).
         """
-        _refuse_removed_options(kwargs)
-        options = call_options(self.config, routing=routing, reroute_every=reroute_every, routing_top_k=routing_top_k,
-                               routing_temperature=routing_temperature, generation_strategy=generation_strategy)
+        options = CallOptions.resolve(self.config, self.device, routing=routing, reroute_every=reroute_every,
+                                      routing_top_k=routing_top_k, routing_temperature=routing_temperature,
+                                      generation_strategy=generation_strategy, reject_threshold=reject_threshold)
         input_ids = inputs if input_ids is None else input_ids
         if kwargs.get("generation_config") is None:
             kwargs.pop("generation_config", None)
             self.backbone.generation_config = self.generation_config  # the bundle's config is the one in force
         if input_ids is not None and attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        call = plan_call(self, input_ids, attention_mask, adapter_names=adapter_names, adapter_weights=adapter_weights,
-                         threshold=self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold,
-                         options=options, generating=True,
+        call = plan_call(self.call_context(), options, input_ids, attention_mask, adapter_names=adapter_names,
+                         adapter_weights=adapter_weights, generating=True,
                          num_beams=kwargs.get("num_beams", self.generation_config.num_beams or 1))
         if on_route is not None:
             on_route(call.decision)
-        if call.plan_for is not None:  # grouped strategy: one plan per adapter group
-            output = generate_grouped(self.backbone, call.decision.adapter_indices.tolist(), input_ids, attention_mask,
-                                      kwargs, call.plan_for)
-        else:
-            ids = {} if input_ids is None else {"input_ids": input_ids}  # None: e.g. the pipeline's empty prompt
-            with use_plan(call.plan):
-                output = self.backbone.generate(**ids, attention_mask=attention_mask, **kwargs)
+        output = call.generate(self.backbone, input_ids, attention_mask, kwargs)
         if isinstance(output, ModelOutput):
             output.routes = call.decision
             if call.trace is not None:
                 output.token_routes = call.trace
         return output
 
-
-def _refuse_removed_options(kwargs: dict) -> None:
-    if "lora_backend" in kwargs:
-        raise ValueError("lora_backend was removed: every LoRA layer now runs through ariadne_hf's routed LoRA layers "
-                         "(PEFT folders stay the file format). Drop the argument.")

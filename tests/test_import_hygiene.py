@@ -96,6 +96,49 @@ def test_no_import_cycle_between_modules():
     assert not cycles, cycles
 
 
+LAYERS = (
+    ("_version", "constants", "data"),
+    ("kernels",),
+    ("configuration_ariadne",),
+    ("routing",),
+    ("bundle",),
+    ("default_backbone",),
+    ("gemma3_backbone",),
+    ("lora",),
+    ("loading",),
+    ("call_planning",),
+    ("building",),
+    ("modeling_ariadne",),
+    ("evaluation", "serving"),
+    ("cli",),
+    ("ariadne_hf",),
+)
+"""The package's units (subpackages and top-level modules) from the bottom up, as in docs/architecture.md: a unit
+imports only units of lower layers (and its own modules). Units sharing a layer import neither each other."""
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else parts[0]
+
+
+def test_units_import_one_way_down_the_layers():
+    rank = {unit: level for level, units in enumerate(LAYERS) for unit in units}
+    graph = _import_graph()
+    unknown = sorted({_unit(m) for m in graph} - set(rank))
+    assert not unknown, f"add {unknown} to LAYERS (and to the layer table in docs/architecture.md)"
+    upward = sorted(f"{source} -> {target}" for source, targets in graph.items() for target in targets
+                    if _unit(source) != _unit(target) and rank[_unit(target)] >= rank[_unit(source)])
+    assert not upward, upward
+
+
+def test_the_import_graph_includes_function_level_imports():
+    """The direction test reads function-level imports too (a lazy import is still an arrow)."""
+    graph = _import_graph()
+    assert "ariadne_hf.lora.peft_files" in graph and "ariadne_hf.bundle.adapters" in graph["ariadne_hf.lora.peft_files"]
+    assert "ariadne_hf.bundle.hub" in graph["ariadne_hf.bundle.local_io"]  # imported inside a function
+
+
 def _top_level_names(tree: ast.Module) -> set[str]:
     """Names a module binds at top level, except ``from . import x`` (which binds the submodule x itself)."""
     names: set[str] = set()

@@ -1,5 +1,5 @@
-"""Local save and load of a bundle: write, read (the files checked by `layout`, then integrity (sha256), router
-tensors, adapters), backbone checks, load into a model.
+"""Local save and read of a bundle: write, read (the files checked by `layout`, then integrity (sha256), router
+tensors, adapters), backbone checks. Turning the files into a model is `ariadne_hf.loading`.
 
 The layout (which files, which are required, pickles) and its validator are in `layout`; the errors in `errors`.
 """
@@ -9,38 +9,34 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from ..configuration_ariadne import RUN_TIME_FIELDS, AriadneConfig, load_overrides, validate_routing_options
+from ..configuration_ariadne import AriadneConfig
 from ..constants import (
     ADAPTER_WEIGHTS_NAME,
     ADAPTERS_DIR,
     BASE_DIR,
     CONFIG_NAME,
-    ROUTER_CENTER,
     ROUTER_CENTROID_ADAPTER,
     ROUTER_CENTROIDS,
     ROUTER_OOD_STATS,
     ROUTER_TOKEN_COUNTS,
     ROUTER_TOKEN_KEYS,
     ROUTER_TOKEN_VALUES,
-    ROUTER_TOKEN_WEIGHTS,
     ROUTER_TRANSFORM,
     ROUTER_WEIGHTS_NAME,
 )
-from ..lora import LoraBank
-from ..routing.route import router_from_tensors, token_router_from_tensors, token_router_tensors
+from ..routing.route import router_tensors, token_router_tensors
 from .adapters import check_adapter_dir, file_sha256
-from .errors import AdapterError, BundleError
+from .errors import BundleError
 from .layout import FIX_SAVE_AGAIN, check_bundle_folder
 
 __all__ = [
-    "backbone_state_dict", "check_backbone_matches", "load_backbone_for_build", "load_bundle",
-    "pin_backbone", "read_bundle", "resolve_bundle_directory", "write_bundle",
+    "backbone_state_dict", "check_backbone_matches", "pin_backbone", "read_bundle", "resolve_bundle_directory",
+    "write_bundle",
 ]
 
 logger = logging.getLogger(__name__)
@@ -108,18 +104,7 @@ def write_bundle(model, directory: str | os.PathLike, *, include_backbone: bool 
         known = model.lora.layout(name).sha256
         summaries[name] = {**config.adapters.get(name, {}), "sha256": known if copied and known else file_sha256(weights)}
 
-    router = model.router
-    tensors = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
-    if router.optional_center() is not None:
-        tensors[ROUTER_CENTER] = router.center
-    if router.optional_token_weights() is not None:
-        tensors[ROUTER_TOKEN_WEIGHTS] = router.token_weights
-    if router.optional_transform() is not None:
-        tensors[ROUTER_TRANSFORM] = router.transform
-    if router.has_ood():
-        tensors[ROUTER_TOKEN_KEYS] = router.token_table.keys
-        tensors[ROUTER_TOKEN_VALUES] = router.token_table.values
-        tensors[ROUTER_OOD_STATS] = router.ood_stats
+    tensors = router_tensors(model.router)
     if getattr(model, "embedding_router", None) is not None and model.config.routing_layer:
         tensors.update(token_router_tensors(model.embedding_router))
     router_path = os.path.join(directory, ROUTER_WEIGHTS_NAME)
@@ -278,71 +263,6 @@ def check_backbone_matches(config: AriadneConfig, embed_weight: torch.Tensor, wh
         )
 
 
-def load_bundle(cls, name_or_path, **kwargs: Any):
-    """Load a bundle folder or Hub repo into `cls` (AriadneRoutedModel).
-
-    Every bundle file is validated before the backbone is loaded, so a broken bundle fails fast and no
-    half-built model is returned.
-    """
-    hub_keys = ("revision", "token", "cache_dir", "local_files_only", "force_download")
-    hub_kwargs = {k: kwargs.pop(k) for k in hub_keys if k in kwargs}
-    dtype = kwargs.pop("dtype", None) or kwargs.pop("torch_dtype", None)
-    kwargs.pop("torch_dtype", None)
-    backbone_kwargs = {k: kwargs.pop(k) for k in ("device_map", "attn_implementation", "low_cpu_mem_usage",
-                                                  "max_memory", "offload_folder") if k in kwargs}
-    passed_config = kwargs.pop("config", None)
-    attn = getattr(passed_config, "_attn_implementation_internal", None)  # the Auto classes put attn_implementation=
-    if attn is not None:  # on the config they pass: it belongs to the backbone
-        backbone_kwargs.setdefault("attn_implementation", attn)
-    for ignored in ("_from_auto", "_from_pipeline", "adapter_kwargs", "trust_remote_code", "use_safetensors",
-                    "subfolder", "proxies", "code_revision"):
-        kwargs.pop(ignored, None)
-    run_time = {key: kwargs.pop(key) for key in RUN_TIME_FIELDS if key in kwargs}
-    if kwargs:
-        raise TypeError(f"AriadneRoutedModel.from_pretrained got unexpected arguments {sorted(kwargs)}; it accepts "
-                        f"hub/backbone loading options and the run-time config fields {list(RUN_TIME_FIELDS)}.")
-    directory = resolve_bundle_directory(os.fspath(name_or_path), hub_kwargs)
-    config, router = read_bundle(directory)
-    for key, value in load_overrides(config, passed_config, run_time).items():
-        setattr(config, key, value)
-    validate_routing_options(config)
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if config.backbone_name_or_path == BASE_DIR:
-        backbone_ref, backbone_revision = os.path.join(directory, BASE_DIR), None  # read_bundle checked its files
-    else:
-        backbone_ref, backbone_revision = config.backbone_name_or_path, config.backbone_revision
-    shared = {k: v for k, v in hub_kwargs.items() if k in ("token", "cache_dir", "local_files_only")}
-    try:
-        backbone = AutoModelForCausalLM.from_pretrained(
-            backbone_ref, revision=backbone_revision, dtype=dtype, use_safetensors=True, **backbone_kwargs, **shared
-        )
-    except OSError as err:
-        raise BundleError(
-            f"Bundle {directory}: could not load its backbone {backbone_ref!r} (revision {backbone_revision}): {err}"
-        ) from err
-    check_backbone_matches(config, backbone.get_input_embeddings().weight, f"Bundle {directory}")
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    lora = LoraBank(backbone, max_resident=config.max_resident_adapters)
-    try:
-        layouts = [lora.inspect(name, os.path.join(directory, ADAPTERS_DIR, name)) for name in config.adapter_names]
-    except AdapterError as err:
-        raise BundleError(f"Bundle {directory}: {err}") from err
-    for layout in layouts:  # read_bundle verified each file against the recorded sha256
-        layout.sha256 = (config.adapters.get(layout.name) or {}).get("sha256")
-    lora.add(layouts)
-    model = cls(config, backbone=backbone, lora=lora, tokenizer=tokenizer)
-    model.router = router_from_tensors(config, router)
-    if config.routing_layer:
-        model.embedding_router = token_router_from_tensors(config, router)
-    model.router.to(backbone.get_input_embeddings().weight.device)
-    if model.embedding_router is not None:
-        model.embedding_router.to(backbone.get_input_embeddings().weight.device)
-    model.eval()
-    return model
-
-
 def resolve_bundle_directory(name_or_path: str, hub_kwargs: dict) -> str:
     """A local bundle folder as is, else a Hub repo id downloaded (validated, pinned) by `hub.resolve_bundle`.
 
@@ -355,25 +275,3 @@ def resolve_bundle_directory(name_or_path: str, hub_kwargs: dict) -> str:
     except ImportError as err:
         raise BundleError(f"{name_or_path!r} is not a local bundle folder.") from err
     return resolve_bundle(name_or_path, **hub_kwargs)
-
-
-def load_backbone_for_build(base_model, *, revision, dtype, device_map, token):
-    """The backbone `from_adapters` builds on: (model, Hub id or absolute path to record, pinned revision).
-
-    `base_model` is a PreTrainedModel (used as is), a Hub id or a local folder (loaded, safetensors only); a PeftModel
-    is refused (adapters are passed separately)."""
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, PreTrainedModel
-
-    if isinstance(base_model, PreTrainedModel):
-        name = getattr(base_model.config, "_name_or_path", "") or getattr(base_model, "name_or_path", "")
-        backbone_id, pinned = pin_backbone(name, revision, token=token) if name else (None, None)
-        return base_model, backbone_id, pinned
-    if isinstance(base_model, PeftModel):
-        raise AdapterError("Pass the plain backbone (not a PeftModel); adapters go in adapters={...}.")
-    backbone_id, pinned = pin_backbone(os.fspath(base_model), revision, token=token)
-    load_kwargs = {"revision": pinned, "dtype": dtype, "device_map": device_map, "use_safetensors": True}
-    if token:
-        load_kwargs["token"] = token
-    backbone = AutoModelForCausalLM.from_pretrained(backbone_id, **load_kwargs)
-    return backbone, backbone_id, pinned

@@ -111,8 +111,9 @@ def _build_demo_model(tasks: list[str], train: dict[str, list[dict]], bundle_dir
 def _route_heldout(model, tasks: list[str], test: dict[str, list[dict]]) -> dict:
     """Step 3: routes every held-out prompt (tasks in order) and prints the table; returns the `routing_report`
     with the per-prompt "margins" added."""
+    from ..routing.report import routing_report
     from .reports import routing_table
-    from .runs import route_rows, routing_report
+    from .runs import route_rows
 
     heldout = [r for t in tasks for r in test[t]]
     print(f"[3/6] routing {len(heldout)} held-out prompts ...", flush=True)

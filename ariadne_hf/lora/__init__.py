@@ -9,7 +9,15 @@ the adapters (PEFT folders read straight into the layers' stacked buffers, `peft
 from .bank import LoraBank
 from .gate import GateFactory, LoraGate
 from .layer import RoutedLoraLinear
-from .plans import FixedGatePlan, LoraPlan, SequencePlan, WeightsPlan, install_pregate_hook, use_plan
+from .plans import (
+    FixedGatePlan,
+    LoraPlan,
+    SequencePlan,
+    WeightsPlan,
+    base_weights_only,
+    install_pregate_hook,
+    use_plan,
+)
 from .token_routing import TokenRouteTrace, TokenRoutingPlan, mixture_from_scores
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "TokenRouteTrace",
     "TokenRoutingPlan",
     "WeightsPlan",
+    "base_weights_only",
     "install_pregate_hook",
     "mixture_from_scores",
     "use_plan",

@@ -57,6 +57,12 @@ def use_plan(plan: LoraPlan | None) -> Iterator[None]:
             plan.release()
 
 
+def base_weights_only() -> contextlib.AbstractContextManager:
+    """A block in which every routed LoRA layer computes exactly its base layer (no plan active), whatever the
+    enclosing call's plan: e.g. the routing signal's base pass (`routing.signal.HiddenStateSignal`)."""
+    return use_plan(None)
+
+
 def _no_release() -> None:
     return None
 

@@ -78,3 +78,15 @@ def tokenize_prompts(tokenizer, prompts: str | list[str]) -> tuple[torch.Tensor,
         raise ValueError("route(): prompts must be a non-empty list of strings.")
     batch = tokenizer(list(prompts), padding=True, return_tensors="pt")
     return batch["input_ids"], batch["attention_mask"]
+
+
+def prompt_ids(tokenizer, prompts, input_ids, attention_mask) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The ids [B, T] and mask [B, T] (or None) a `route()` call routes: its prompts tokenized, or its ids as given.
+    Raises ValueError unless exactly one of `prompts` and `input_ids` is given."""
+    if prompts is not None:
+        if input_ids is not None:
+            raise ValueError("route(): pass either prompts or input_ids, not both.")
+        return tokenize_prompts(tokenizer, prompts)
+    if input_ids is None:
+        raise ValueError("route(): pass prompts (list of strings) or input_ids=[B, T].")
+    return input_ids, attention_mask

@@ -3,13 +3,25 @@
 `AriadneRoutedModel.route`, `forward` and `generate` (through `call_planning`), token routing's prompt step, the
 serving engine (which calls `model.route`), and `RoutingOnlyModel.route` (gateway mode, the Ray ingress, the vLLM
 middleware) all call `route_decision`; token routing shares `routing_inputs` and `score`. The router itself is built
-from a bundle's tensors in one place (`router_from_tensors`).
+from a bundle's tensors in one place (`router_from_tensors`) and written to them in one place (`router_tensors`).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..constants import (
+    ROUTER_CENTER,
+    ROUTER_CENTROID_ADAPTER,
+    ROUTER_CENTROIDS,
+    ROUTER_OOD_STATS,
+    ROUTER_TOKEN_COUNTS,
+    ROUTER_TOKEN_KEYS,
+    ROUTER_TOKEN_VALUES,
+    ROUTER_TOKEN_WEIGHTS,
+    ROUTER_TRANSFORM,
+    TOKEN_ROUTER_PREFIX,
+)
 from .calibration import auto_threshold
 from .inputs import validate_token_ids
 from .ood import SparseTokenCounts, routing_weights
@@ -58,8 +70,6 @@ def route_decision(config, router: AriadneRouter, signal: RoutingSignal, input_i
 def token_router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter | None:
     """The token-routing router of a routing_layer > 0 bundle (tensors under `TOKEN_ROUTER_PREFIX`: centroids,
     center, whitening in the input-embedding space; no ood tables), None when the bundle has none."""
-    from ..constants import ROUTER_CENTROIDS, ROUTER_TOKEN_WEIGHTS, TOKEN_ROUTER_PREFIX
-
     inner = {k[len(TOKEN_ROUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN_ROUTER_PREFIX)}
     if ROUTER_CENTROIDS not in inner:
         return None
@@ -68,39 +78,28 @@ def token_router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> Ariad
     return router_from_tensors(config, inner)
 
 
-def token_router_tensors(router: AriadneRouter) -> dict[str, torch.Tensor]:
-    """What `token_router_from_tensors` reads back (token weights are the main router's)."""
-    from ..constants import (
-        ROUTER_CENTER,
-        ROUTER_CENTROID_ADAPTER,
-        ROUTER_CENTROIDS,
-        ROUTER_TRANSFORM,
-        TOKEN_ROUTER_PREFIX,
-    )
-
+def router_tensors(router: AriadneRouter, *, tables_only: bool = False) -> dict[str, torch.Tensor]:
+    """What `router_from_tensors` reads back: the centroid table, its center and whitening when set, and unless
+    `tables_only` the special-token weights and the sparse ood tables when the router has them."""
     out = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
-    if router.optional_center() is not None:
-        out[ROUTER_CENTER] = router.center
-    if router.optional_transform() is not None:
-        out[ROUTER_TRANSFORM] = router.transform
-    return {TOKEN_ROUTER_PREFIX + k: v for k, v in out.items()}
+    optional = {ROUTER_CENTER: router.optional_center(), ROUTER_TRANSFORM: router.optional_transform()}
+    if not tables_only:
+        optional[ROUTER_TOKEN_WEIGHTS] = router.optional_token_weights()
+    out.update({key: value for key, value in optional.items() if value is not None})
+    if not tables_only and router.has_ood():
+        out.update({ROUTER_TOKEN_KEYS: router.token_table.keys, ROUTER_TOKEN_VALUES: router.token_table.values,
+                    ROUTER_OOD_STATS: router.ood_stats})
+    return out
+
+
+def token_router_tensors(router: AriadneRouter) -> dict[str, torch.Tensor]:
+    """What `token_router_from_tensors` reads back (the token weights are the main router's)."""
+    return {TOKEN_ROUTER_PREFIX + k: v for k, v in router_tensors(router, tables_only=True).items()}
 
 
 def router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter:
     """The router of a bundle: its config (adapter order, distance) and its router tensors (centroids, center,
     token weights, whitening, ood tables), validated by `AriadneRouter.set_tables` / `set_ood`."""
-    from ..constants import (
-        ROUTER_CENTER,
-        ROUTER_CENTROID_ADAPTER,
-        ROUTER_CENTROIDS,
-        ROUTER_OOD_STATS,
-        ROUTER_TOKEN_COUNTS,
-        ROUTER_TOKEN_KEYS,
-        ROUTER_TOKEN_VALUES,
-        ROUTER_TOKEN_WEIGHTS,
-        ROUTER_TRANSFORM,
-    )
-
     router = AriadneRouter(config.adapter_names, int(tensors[ROUTER_CENTROIDS].shape[1]), config.distance)
     router.set_tables(tensors[ROUTER_CENTROIDS], tensors[ROUTER_CENTROID_ADAPTER], tensors.get(ROUTER_CENTER),
                       tensors.get(ROUTER_TOKEN_WEIGHTS), tensors.get(ROUTER_TRANSFORM))

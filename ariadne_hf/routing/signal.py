@@ -14,18 +14,21 @@ weights x chat-template strip, exactly the weights of the k = 0 signal):
 
 Running the layers on the routable tokens alone (the batch is compacted, right-padded) makes the signal independent
 of padding side, of the chat template around the message and of special tokens, as the k = 0 signal is. The pass
-stops right after layer k (a forward hook raises `_StopAfterLayer`), so nothing past layer k runs, and the routed
-LoRA layers are bypassed for it (`ACTIVE_PLAN` is None inside the pass: their output is exactly the base layer's).
+stops right after layer k (a forward hook raises `_StopAfterLayer`), so nothing past layer k runs. The pass runs
+inside the signal's `base_weights()` context: a model with routed LoRA layers passes `lora.plans.base_weights_only`
+(no plan active: every routed layer's output is exactly its base layer's); a plain decoder needs none. This module
+knows nothing of LoRA (routing sits below lora in the package's layers, docs/architecture.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+import weakref
+from collections.abc import Callable
 
 import torch
 from torch import nn
-
-from ..lora.layer import ACTIVE_PLAN
 
 
 class _StopAfterLayer(Exception):  # noqa: N818 - control flow, not an error
@@ -102,17 +105,27 @@ def compact(input_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tenso
     return ids, mask.to(torch.long), w
 
 
-class HiddenStateSignal:
-    """The k > 0 signal over one backbone's base decoder (see the module docstring). Holds no state but the hook."""
+BaseWeights = Callable[[], contextlib.AbstractContextManager]
+"""A context-manager factory inside which the decoder computes with its base weights only."""
 
-    def __init__(self, decoder: nn.Module, layer: int):
+
+class HiddenStateSignal:
+    """The k > 0 signal over one backbone's base decoder (see the module docstring).
+
+    Holds the stop hook on layer k by its handle; the hook is removed when the signal is garbage collected (it is
+    inert outside this signal's passes, so other forwards through the layer are unaffected meanwhile)."""
+
+    def __init__(self, decoder: nn.Module, layer: int, *, base_weights: BaseWeights = contextlib.nullcontext):
         self.decoder = decoder
         self.layer = check_routing_layer(layer, None)
         layers = decoder_layers(decoder)
         check_routing_layer(layer, len(layers) + 1)
         if layer == 0:
             raise ValueError("HiddenStateSignal needs routing_layer >= 1 (0 is the input-embedding signal).")
+        self.base_weights = base_weights
         self._target = layers[layer - 1]
+        handle = self._target.register_forward_hook(_stop_hook)
+        weakref.finalize(self, handle.remove)
 
     @torch.no_grad()
     def pooled(self, input_ids: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,16 +140,14 @@ class HiddenStateSignal:
     @torch.no_grad()
     def hidden(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The base-weights hidden state after layer k of right-padded ids [B, n] with mask [B, n]: [B, n, D]."""
-        install_stop_hook(self._target)
-        token = ACTIVE_PLAN.set(None)  # routed LoRA layers compute exactly their base layer in this pass
         stop = _STOP_AT.set(self._target)
         try:
-            self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
+            with self.base_weights():
+                self.decoder(input_ids=ids, attention_mask=mask, use_cache=False)
         except _StopAfterLayer as stopped:
             return stopped.hidden
         finally:
             _STOP_AT.reset(stop)
-            ACTIVE_PLAN.reset(token)
         raise RuntimeError(f"{type(self.decoder).__name__} ran without reaching layer {self.layer}.")
 
 
@@ -149,13 +160,6 @@ def _stop_hook(module: nn.Module, _args, output):
     if _STOP_AT.get() is module:
         raise _StopAfterLayer(output[0] if isinstance(output, tuple) else output)
     return None
-
-
-def install_stop_hook(layer: nn.Module) -> None:
-    """Register the stop hook on `layer` once (idempotent; inert outside a routing pass)."""
-    if not getattr(layer, "_ariadne_stop_hook", False):
-        layer.register_forward_hook(_stop_hook)
-        layer._ariadne_stop_hook = True
 
 
 class RoutingSignal:
@@ -185,9 +189,11 @@ class RoutingSignal:
         return summed / total.clamp_min(1e-12).unsqueeze(-1), total
 
 
-def signal_for(backbone: nn.Module, routing_layer: int) -> RoutingSignal:
-    """The routing signal of a full backbone (a causal LM) at `routing_layer`."""
+def signal_for(backbone: nn.Module, routing_layer: int, *,
+               base_weights: BaseWeights = contextlib.nullcontext) -> RoutingSignal:
+    """The routing signal of a full backbone (a causal LM) at `routing_layer`; `base_weights` as `HiddenStateSignal`'s
+    (pass `lora.plans.base_weights_only` when the backbone holds routed LoRA layers)."""
     embed_weight = backbone.get_input_embeddings().weight.detach()
     if not routing_layer:
         return RoutingSignal(embed_weight)
-    return RoutingSignal(embed_weight, HiddenStateSignal(decoder_of(backbone), routing_layer))
+    return RoutingSignal(embed_weight, HiddenStateSignal(decoder_of(backbone), routing_layer, base_weights=base_weights))

@@ -29,15 +29,14 @@ from safetensors import safe_open
 
 from ..bundle.errors import BundleError
 from ..bundle.local_io import check_backbone_matches, read_bundle, resolve_bundle_directory
-from ..constants import BASE_DIR
-from ..routing.inputs import tokenize_prompts
+from ..constants import BASE_DIR, UNSET
+from ..routing.inputs import prompt_ids
 from ..routing.route import route_decision, router_from_tensors
 from ..routing.router import AriadneRouter, RoutingDecision
 from ..routing.signal import HiddenStateSignal, RoutingSignal, decoder_layers, text_config
 
 SAFE_WEIGHTS = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
-_UNSET = object()
 
 
 class RoutingOnlyModel:
@@ -58,19 +57,14 @@ class RoutingOnlyModel:
 
     @torch.no_grad()
     def route(self, prompts: str | list[str] | None = None, *, input_ids: torch.Tensor | None = None,
-              attention_mask: torch.Tensor | None = None, reject_threshold=_UNSET, reject=_UNSET) -> RoutingDecision:
+              attention_mask: torch.Tensor | None = None, reject_threshold=UNSET, reject=UNSET) -> RoutingDecision:
         """Same contract as AriadneRoutedModel.route (strings, or ids [B, T] + mask [B, T]); `reject_threshold` and
         `reject` default to the bundle's config (so `reject="auto"` bundles reject here as they do locally)."""
-        if prompts is not None:
-            if input_ids is not None:
-                raise ValueError("route(): pass either prompts or input_ids, not both.")
-            input_ids, attention_mask = tokenize_prompts(self.tokenizer, prompts)
-        elif input_ids is None:
-            raise ValueError("route(): pass prompts (list of strings) or input_ids=[B, T].")
+        input_ids, attention_mask = prompt_ids(self.tokenizer, prompts, input_ids, attention_mask)
         return route_decision(
             self.config, self.router, self.signal, input_ids, attention_mask,
-            threshold=self.config.reject_threshold if reject_threshold is _UNSET else reject_threshold,
-            reject=self.config.reject if reject is _UNSET else reject)
+            threshold=self.config.reject_threshold if reject_threshold is UNSET else reject_threshold,
+            reject=self.config.reject if reject is UNSET else reject)
 
 
 def load_routing_only(bundle: str, *, revision: str | None = None, token: str | None = None) -> RoutingOnlyModel:

@@ -62,7 +62,7 @@ def test_memory_is_the_adapters_bytes_for_same_shaped_adapters(tiny_assets, tmp_
 
 def test_gate_is_single_for_one_adapter_and_mixture_for_several(tiny_model):
     def gate_of(adapters, rows):
-        plan = sequence_plan(tiny_model, adapters)
+        plan = sequence_plan(tiny_model.lora, tiny_model.device, adapters)
         plan.begin_forward(None, rows, 3)
         return plan.gate
 
@@ -75,7 +75,7 @@ def test_gate_is_single_for_one_adapter_and_mixture_for_several(tiny_model):
 
 @pytest.mark.parametrize("adapters", [[1, 1], [0, 2], [0, -1]])
 def test_layers_only_read_the_gate_without_host_syncs(tiny_model, monkeypatch, adapters):
-    plan = sequence_plan(tiny_model, adapters)
+    plan = sequence_plan(tiny_model.lora, tiny_model.device, adapters)
     plan.begin_forward(None, 2, 1)
     layer = next(m for m in tiny_model.modules() if isinstance(m, RoutedLoraLinear))
     x = torch.randn(2, 1, layer.in_features)
@@ -247,7 +247,7 @@ def test_plans_follow_the_plan_protocol_and_the_hook_writes_nothing_on_the_backb
     from ariadne_hf.lora.gate import BASE_GATE
     from ariadne_hf.lora.plans import FixedGatePlan, LoraPlan, install_pregate_hook
 
-    assert isinstance(sequence_plan(tiny_model, [0, 1]), LoraPlan) and isinstance(FixedGatePlan(BASE_GATE), LoraPlan)
+    assert isinstance(sequence_plan(tiny_model.lora, tiny_model.device, [0, 1]), LoraPlan) and isinstance(FixedGatePlan(BASE_GATE), LoraPlan)
     before = set(vars(tiny_model.backbone))
     handle = install_pregate_hook(tiny_model.backbone)
     assert install_pregate_hook(tiny_model.backbone) is handle  # idempotent: one hook per backbone

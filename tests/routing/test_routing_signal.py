@@ -51,17 +51,21 @@ def test_signal_is_the_mean_hidden_state_after_layer_k_of_the_routable_tokens(la
 
 def test_routing_pass_bypasses_the_routed_lora_layers(layer_model, tiny_assets):
     from ariadne_hf.call_planning import sequence_plan
-    from ariadne_hf.lora import use_plan
+    from ariadne_hf.lora import base_weights_only, use_plan
 
     batch = layer_model.tokenizer(tiny_assets["test"]["math"][:3], return_tensors="pt", padding=True)
     ids, mask, weights = compact(batch["input_ids"], batch["attention_mask"].float())
-    signal = HiddenStateSignal(decoder_of(layer_model.backbone), 1)
+    signal = HiddenStateSignal(decoder_of(layer_model.backbone), 1, base_weights=base_weights_only)
+    unguarded = HiddenStateSignal(decoder_of(layer_model.backbone), 1)  # no base_weights: a plain decoder's signal
     plain = signal.hidden(ids, mask)
-    with use_plan(sequence_plan(layer_model, [1, 1, 1])):  # poetry targets every projection of layer 0
+    with use_plan(sequence_plan(layer_model.lora, layer_model.device, [1, 1, 1])):  # poetry targets every projection of layer 0
         under_plan = signal.hidden(ids, mask)
+        unguarded_under_plan = unguarded.hidden(ids, mask)
         lora_out = layer_model.backbone(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[1]
     assert torch.equal(plain, under_plan)
     assert not torch.allclose(lora_out, plain)  # the adapter does change layer 1 when it is active
+    assert torch.allclose(unguarded_under_plan, lora_out)  # so base_weights is what bypasses it
+    assert layer_model.routing_signal.hidden.base_weights is base_weights_only  # the model's own signal is guarded
 
 
 def test_layer_routed_generation_equals_peft_with_the_routed_adapter(layer_model, peft_oracle, tiny_assets):
