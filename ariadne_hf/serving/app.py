@@ -55,7 +55,9 @@ async def parse_body(request: Request, schema):
 
 
 def create_app(backend, *, title: str = "ariadne serve") -> FastAPI:
-    """The FastAPI app over `backend`; the backend is started and stopped with the app's lifespan."""
+    """The FastAPI app over `backend`; the backend is started and stopped with the app's lifespan.
+
+    Every error leaves as an OpenAI-style body (`_install_error_handlers`); the routes are `_install_routes`."""
 
     @asynccontextmanager
     async def lifespan(app):
@@ -67,6 +69,15 @@ def create_app(backend, *, title: str = "ariadne serve") -> FastAPI:
 
     app = FastAPI(title=title, lifespan=lifespan)
     app.state.backend = backend
+    _install_error_handlers(app)
+    _install_routes(app, backend)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Answer every failure with an OpenAI error body: OpenAIError with its own status, a request FastAPI could not
+    validate 400, Starlette's HTTP errors (404 unknown path, 405 wrong method) with their status naming the method
+    and path, and any other exception 500 (logged; the server keeps serving)."""
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request, err: OpenAIError):
@@ -88,6 +99,11 @@ def create_app(backend, *, title: str = "ariadne serve") -> FastAPI:
         logger.exception("unhandled error on %s", request.url.path)
         return JSONResponse(error_body(f"Internal error: {type(err).__name__}: {err}", "server_error",
                                        "internal_error"), status_code=500)
+
+
+def _install_routes(app: FastAPI, backend) -> None:
+    """The API's routes over `backend` (module docstring); a POST body is validated by `parse_body` against its
+    protocol.py schema before the backend sees it. Adding an endpoint: its schema in protocol.py, its route here."""
 
     @app.get("/health")
     async def health():
@@ -118,8 +134,6 @@ def create_app(backend, *, title: str = "ariadne serve") -> FastAPI:
     async def completions(request: Request) -> Response:
         req, raw = await parse_body(request, CompletionRequest)
         return await backend.complete("completions", req, raw)
-
-    return app
 
 
 class LocalBackend:

@@ -38,71 +38,95 @@ WARM_HEADER = "x-ariadne-warm"  # "1" when the replica already held the adapter 
 RESIDENT_HEADER = "x-ariadne-resident"
 
 
+class GeneratorReplica:
+    """The body of one generation replica (`generator_deployment` adds Ray's deployment and multiplexing).
+
+    Guarantees: the bundle is loaded with `max_resident_adapters=adapters_per_replica`, so the replica's layers hold
+    at most that many adapters; the LocalEngine is created on first use, inside the replica's running loop; every
+    answer carries the replica id, the adapters resident when it answered and whether the request's adapter was
+    resident before it; a refused request is answered as {"error", "status", ...} instead of raising through Ray.
+    """
+
+    def __init__(self, bundle: str, *, adapters_per_replica: int, max_batch_size: int, max_wait_ms: float,
+                 default_max_tokens: int):
+        from ..modeling_ariadne import AriadneRoutedModel
+
+        # the replica's layers hold only K adapters (resident slots); the rest stay in the bundle's files
+        self.model = AriadneRoutedModel.from_pretrained(bundle, max_resident_adapters=adapters_per_replica)
+        self.engine_options = dict(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                   default_max_tokens=default_max_tokens)
+        self.engine = None
+        self.resident: set[str] = set()
+        self.replica = serve.get_replica_context().replica_id.unique_id
+
+    async def hold_adapter(self, adapter: str):
+        """Overridden by the deployment with Ray's multiplexed version of `warm_adapter`."""
+        return self.warm_adapter(adapter)
+
+    def warm_adapter(self, adapter: str) -> _Warm:
+        """Make `adapter` warm on this replica: load its LoRA weights into a slot now (least recently used
+        evicted), so its requests find it resident."""
+        if adapter in self.model.adapter_names:
+            index = self.model.adapter_names.index(adapter)
+            try:
+                self.model.lora.acquire({index})
+                self.model.lora.release({index})
+            except ResidencyError:  # every slot pinned by running batches: the batch will load it itself
+                pass
+        return _Warm(adapter, self.resident)
+
+    def _engine(self):
+        if self.engine is None:  # created inside the replica's running loop (the batcher needs it)
+            from .engine import LocalEngine
+
+            self.engine = LocalEngine(self.model, **self.engine_options)
+            self.engine.start()
+        return self.engine
+
+    async def _prepare(self, kind: str, body: dict):
+        adapter = serve.get_multiplexed_model_id()
+        warm = adapter in self.model.lora.resident()  # held before this request: a warm hit
+        await self.hold_adapter(adapter)
+        schema = ChatRequest if kind == "chat" else CompletionRequest
+        request = schema.model_validate({**body, "model": adapter})
+        return self._engine().prepare(kind, request), warm
+
+    def _meta(self, warm: bool = False) -> dict:
+        return {"replica": self.replica, "resident": sorted(self.model.lora.resident()), "warm": warm}
+
+    async def generate(self, kind: str, body: dict) -> dict:
+        try:
+            prepared, warm = await self._prepare(kind, body)
+            return {"body": await self._engine().collect(prepared), **self._meta(warm)}
+        except OpenAIError as err:
+            return {"error": err.body(), "status": err.status, **self._meta()}
+
+    async def generate_stream(self, kind: str, body: dict):
+        try:
+            prepared, warm = await self._prepare(kind, body)
+        except OpenAIError as err:
+            yield {"error": err.body(), "status": err.status, **self._meta()}
+            return
+        yield self._meta(warm)
+        async for event in self._engine().stream(prepared):
+            yield event
+
+
 def generator_deployment(bundle: str, *, replicas: int, adapters_per_replica: int, max_batch_size: int,
                          max_wait_ms: float, default_max_tokens: int, num_cpus: float = 1.0):
-    """The generation deployment (a class built here so K reaches `serve.multiplexed` at definition time)."""
+    """The generation deployment: `GeneratorReplica`s of `bundle` (a class built here so K reaches
+    `serve.multiplexed` at definition time: Ray keeps at most K adapters warm per replica, LRU)."""
 
     @serve.deployment(name="AriadneGenerator", num_replicas=replicas, ray_actor_options={"num_cpus": num_cpus},
                       max_ongoing_requests=4 * max_batch_size, **DEPLOYMENT_HEALTH_CHECK)
-    class Generator:
+    class Generator(GeneratorReplica):
         def __init__(self):
-            from ..modeling_ariadne import AriadneRoutedModel
-
-            # the replica's layers hold only K adapters (resident slots); the rest stay in the bundle's files
-            self.model = AriadneRoutedModel.from_pretrained(bundle, max_resident_adapters=adapters_per_replica)
-            self.engine = None
-            self.resident: set[str] = set()
-            self.replica = serve.get_replica_context().replica_id.unique_id
+            super().__init__(bundle, adapters_per_replica=adapters_per_replica, max_batch_size=max_batch_size,
+                             max_wait_ms=max_wait_ms, default_max_tokens=default_max_tokens)
 
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)
         async def hold_adapter(self, adapter: str):
-            """Make `adapter` warm on this replica: load its LoRA weights into a slot now (least recently used
-            evicted), so its requests find it resident."""
-            if adapter in self.model.adapter_names:
-                index = self.model.adapter_names.index(adapter)
-                try:
-                    self.model.lora.acquire({index})
-                    self.model.lora.release({index})
-                except ResidencyError:  # every slot pinned by running batches: the batch will load it itself
-                    pass
-            return _Warm(adapter, self.resident)
-
-        def _engine(self):
-            if self.engine is None:  # created inside the replica's running loop (the batcher needs it)
-                from .engine import LocalEngine
-
-                self.engine = LocalEngine(self.model, max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
-                                          default_max_tokens=default_max_tokens)
-                self.engine.start()
-            return self.engine
-
-        async def _prepare(self, kind: str, body: dict):
-            adapter = serve.get_multiplexed_model_id()
-            warm = adapter in self.model.lora.resident()  # held before this request: a warm hit
-            await self.hold_adapter(adapter)
-            schema = ChatRequest if kind == "chat" else CompletionRequest
-            request = schema.model_validate({**body, "model": adapter})
-            return self._engine().prepare(kind, request), warm
-
-        def _meta(self, warm: bool = False) -> dict:
-            return {"replica": self.replica, "resident": sorted(self.model.lora.resident()), "warm": warm}
-
-        async def generate(self, kind: str, body: dict) -> dict:
-            try:
-                prepared, warm = await self._prepare(kind, body)
-                return {"body": await self._engine().collect(prepared), **self._meta(warm)}
-            except OpenAIError as err:
-                return {"error": err.body(), "status": err.status, **self._meta()}
-
-        async def generate_stream(self, kind: str, body: dict):
-            try:
-                prepared, warm = await self._prepare(kind, body)
-            except OpenAIError as err:
-                yield {"error": err.body(), "status": err.status, **self._meta()}
-                return
-            yield self._meta(warm)
-            async for event in self._engine().stream(prepared):
-                yield event
+            return self.warm_adapter(adapter)
 
     return Generator
 

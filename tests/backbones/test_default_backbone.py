@@ -76,3 +76,26 @@ def test_conversion_is_correct_and_reused(tmp_path, monkeypatch):
     out = model.generate(**ids, max_new_tokens=12, do_sample=False)
     answer = tokenizer.decode(out[0, ids["input_ids"].shape[1]:])
     assert "Paris" in answer
+
+
+def test_publish_conversion_replaces_a_stale_folder_and_leaves_it_on_failure(tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "old.txt").write_text("stale")
+
+    def convert(folder):
+        assert not (folder / db.MARKER_NAME).exists()  # the marker comes after the conversion
+        (folder / "config.json").write_text("{}")
+
+    db.publish_conversion(target, convert, lambda: {"converter_version": 7})
+    assert sorted(p.name for p in target.iterdir()) == [db.MARKER_NAME, "config.json"]  # the stale copy is gone
+    assert db.is_complete(target, {"converter_version": 7}) and (target.stat().st_mode & 0o777) == 0o755
+
+    def broken(folder):
+        (folder / "half.bin").write_text("x")
+        raise RuntimeError("conversion failed")
+
+    with pytest.raises(RuntimeError, match="conversion failed"):
+        db.publish_conversion(target, broken, lambda: {"converter_version": 8})
+    assert db.is_complete(target, {"converter_version": 7})  # the finished folder is kept as it was
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no staging or stale leftovers

@@ -58,17 +58,12 @@ def test_left_pad_aligns_the_prompt_ends():
     assert ids.tolist() == [[5, 6], [0, 7]] and mask.tolist() == [[1, 1], [0, 1]]
 
 
-def test_eval_cli_writes_a_report(tiny_model, tiny_assets, tmp_path, capsys):
-    bundle = tmp_path / "bundle"
-    tiny_model.save_pretrained(bundle)
-    data = tmp_path / "test.jsonl"
-    with open(data, "w") as handle:
-        for name, prompts in tiny_assets["test"].items():
-            for p in prompts:
-                handle.write(json.dumps({"prompt": p, "label": name, "choices": ["plus", "moon"], "answer": 1}) + "\n")
-        handle.write(json.dumps({"prompt": "x", "label": "unknown-task"}) + "\n")
+def test_eval_cli_writes_a_report(tiny_bundle_dir, tiny_assets, write_jsonl, tmp_path, capsys):
+    rows = [{"prompt": p, "label": name, "choices": ["plus", "moon"], "answer": 1}
+            for name, prompts in tiny_assets["test"].items() for p in prompts]
+    data = write_jsonl("test.jsonl", rows + [{"prompt": "x", "label": "unknown-task"}])
     out = tmp_path / "report"
-    assert main(["eval", str(bundle), "--data", str(data), "--text-field", "prompt", "--task-field", "label",
+    assert main(["eval", tiny_bundle_dir, "--data", data, "--text-field", "prompt", "--task-field", "label",
                  "--metric", "multiple_choice", "--max-per-task", "4", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert sum(report["num_prompts"].values()) == 12 and report["skipped_rows"] == 1
@@ -98,25 +93,18 @@ def test_fast_choice_scores_equal_the_per_row_path(tiny_model, tiny_assets):
     assert torch.allclose(flat(mixed), flat(slow[:2] + slow[3:]), atol=1e-4)
 
 
-def test_eval_cli_reports_ood_and_token_routing(tiny_model, tiny_assets, tmp_path):
+def test_eval_cli_reports_ood_and_token_routing(tiny_bundle_dir, tiny_assets, write_jsonl, tmp_path):
     from tiny_models import make_prompts
 
-    bundle = tmp_path / "bundle"
-    tiny_model.save_pretrained(bundle)
-    data, ood = tmp_path / "test.jsonl", tmp_path / "ood.jsonl"
-    with open(data, "w") as handle:
-        for name, prompts in tiny_assets["test"].items():
-            for p in prompts[:4]:
-                handle.write(json.dumps({"text": p, "task": name, "choices": ["plus", "moon"], "answer": 1}) + "\n")
-    with open(ood, "w") as handle:
-        for p in make_prompts("legal", 12, seed=5):
-            handle.write(json.dumps({"text": p}) + "\n")
+    data = write_jsonl("test.jsonl", [{"text": p, "task": name, "choices": ["plus", "moon"], "answer": 1}
+                                      for name, prompts in tiny_assets["test"].items() for p in prompts[:4]])
+    ood = write_jsonl("ood.jsonl", [{"text": p} for p in make_prompts("legal", 12, seed=5)])
     out = tmp_path / "report"
-    assert main(["eval", str(bundle), "--data", str(data), "--ood", str(ood), "--metric", "multiple_choice",
+    assert main(["eval", tiny_bundle_dir, "--data", data, "--ood", ood, "--metric", "multiple_choice",
                  "--routing", "token", "--top-k", "2", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["ood"]["auroc"] > 0.8 and report["ood"]["ood_prompts"] == 12
     assert set(report["ood"]) >= {"fpr_at_95_tpr", "in_domain_false_reject_rate", "ood_reject_rate"}
     assert report["task_scores"]["routing"] == "token" and report["calibration"]["folds"] == 5
     assert "ood_scores.png" in os.listdir(out) and "Out-of-distribution" in (out / "report.md").read_text()
-    assert main(["eval", str(bundle), "--data", str(data), "--reroute-every", "2"]) == 2
+    assert main(["eval", tiny_bundle_dir, "--data", data, "--reroute-every", "2"]) == 2

@@ -21,12 +21,6 @@ PROMPTS = ["add plus seven three sum", "poem rhyme moon love", "python function 
            "compute total digits eight", "sonnet heart night rose", "class import list bug", "please write me about"]
 
 
-@pytest.fixture(scope="module")
-def server(serving_model):
-    with ServerThread(create_app(LocalBackend(serving_model, max_batch_size=8, max_wait_ms=100))) as running:
-        yield running
-
-
 def client(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 

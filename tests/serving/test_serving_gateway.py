@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from ariadne_hf.bundle.errors import BundleError
-from ariadne_hf.serving.app import LocalBackend, create_app
 from ariadne_hf.serving.launch import build_gateway_app
 from ariadne_hf.serving.routing_only import load_routing_only, read_input_embeddings
 from ariadne_hf.serving.runner import ServerThread
@@ -22,9 +21,9 @@ PROMPTS = ["add plus seven three sum", "poem rhyme moon love", "python function 
 
 
 @pytest.fixture(scope="module")
-def upstream(serving_model):
-    with ServerThread(create_app(LocalBackend(serving_model, max_batch_size=8, max_wait_ms=20))) as running:
-        yield running
+def upstream(server):
+    """The upstream engine the gateway forwards to: this module's local-mode server."""
+    return server
 
 
 @pytest.fixture(scope="module")
@@ -37,9 +36,47 @@ def api(server) -> openai.OpenAI:
     return openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
 
 
+def _held(obj, path: str = "", seen: set | None = None) -> tuple[dict[str, torch.Tensor], list[torch.nn.Module]]:
+    """Every tensor (by path, each once) and every nn.Module reachable from `obj`'s attributes, tokenizer aside."""
+    seen = set() if seen is None else seen
+    tensors, modules = {}, []
+    if id(obj) in seen:
+        return tensors, modules
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return {path: obj}, modules
+    if isinstance(obj, torch.nn.Module):
+        modules.append(obj)
+    if isinstance(obj, dict):
+        children = obj.items()
+    elif isinstance(obj, (list, tuple, set)):
+        children = enumerate(obj)
+    else:
+        children = getattr(obj, "__dict__", {}).items()
+    for key, child in children:
+        if key != "tokenizer":
+            more, sub = _held(child, f"{path}.{key}", seen)
+            tensors.update(more)
+            modules += sub
+    return tensors, modules
+
+
+def test_router_only_holds_the_embedding_table_and_the_router_alone(serving_bundle_dir, serving_model):
+    """Gateway mode's guarantee, measured on the object: of the backbone only the input-embedding table, no decoder
+    layer and no LoRA weight (routing_layer 0); everything else it holds is the router's tables."""
+    router = load_routing_only(serving_bundle_dir)
+    assert serving_model.config.routing_layer == 0 and router.signal.hidden is None
+    tensors, modules = _held(router)
+    assert modules == [router.router]  # no decoder, no layer, no LoRA module
+    outside = {name: t for name, t in tensors.items() if not name.startswith(".router.")}
+    assert list(outside) == [".embed_weight"] and router.embed_weight.shape == (200, 64)
+    assert router.signal_bytes == router.embed_weight.numel() * router.embed_weight.element_size()
+    torch.testing.assert_close(router.embed_weight, serving_model.backbone.get_input_embeddings().weight,
+                               rtol=0, atol=0)
+
+
 def test_router_only_routes_equal_the_full_model(serving_bundle_dir, serving_model):
     router = load_routing_only(serving_bundle_dir)
-    assert not hasattr(router, "peft_model") and router.embed_weight.shape == (200, 64)
     expected, got = serving_model.route(PROMPTS), router.route(PROMPTS)
     assert got.adapter_names == expected.adapter_names
     assert torch.equal(got.scores, expected.scores) and torch.equal(got.margins, expected.margins)

@@ -16,19 +16,12 @@ from fastapi import FastAPI, Request
 from openai.types import completion_create_params
 from openai.types.chat import completion_create_params as chat_create_params
 
-from ariadne_hf.serving.app import LocalBackend, create_app
 from ariadne_hf.serving.openai_params import IGNORED_HEADER, IMPLEMENTED, NO_EFFECT, REFUSED
 from ariadne_hf.serving.runner import ServerThread
 
 PROMPT = "poem rhyme moon love"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 TOL = 1e-5
-
-
-@pytest.fixture(scope="module")
-def server(serving_model):
-    with ServerThread(create_app(LocalBackend(serving_model, max_batch_size=8, max_wait_ms=100))) as running:
-        yield running
 
 
 def post(server, kind: str, **body) -> httpx.Response:
