@@ -8,7 +8,7 @@ import sys
 
 from .configuration_ariadne import GENERATION_STRATEGIES, ROUTING_GRANULARITIES, WHITENINGS
 from .evaluation.task_metrics import METRICS
-from .kernels.checks import DISTANCES
+from .kernels.distances import DISTANCES
 
 
 def routing_layer_arg(value: str) -> str | int:

@@ -7,7 +7,7 @@ from typing import Any
 from transformers import PreTrainedConfig
 
 from .constants import BASE_ADAPTER, BUNDLE_FORMAT_VERSION
-from .kernels.checks import DISTANCES
+from .kernels.distances import DISTANCES
 
 ROUTING_GRANULARITIES = ("sequence", "token")
 GENERATION_STRATEGIES = ("batched", "grouped")

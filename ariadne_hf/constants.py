@@ -43,7 +43,7 @@ ROUTER_TOKEN_VALUES = "router.token_count_values"  # [nnz] int64 > 0, with ROUTE
 TOKEN_ROUTER_PREFIX = "token_router."
 """Prefix of the token-routing router's tensors (its own centroid table in the input-embedding space, stored when
 routing_layer > 0: token routing re-routes on the input embedding while decoding), e.g. token_router.router.centroids."""
-ROUTER_OOD_STATS = "router.ood_stats"  # [2, 4] fp32, optional (ood: z-score mean and sd per component)
+ROUTER_OOD_STATS = "router.ood_stats"  # [2, C] fp32 (routing.ood.OOD_STATS_SHAPE), optional: z-score mean, sd
 
 UNSET: object = object()
 """A call argument left out (use the config's value); distinct from None, which means "none" for

@@ -218,10 +218,10 @@ def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str,
             raise BundleError(f"{where} has no out-of-distribution tables but config.json says reject='auto'. Set "
                               "reject to null in config.json or rebuild the bundle with from_adapters.")
         return
+    from ..routing.ood import SparseTokenCounts, ood_stats_problem
+
     vocab = config.embedding_vocab_size
     if keys is not None:
-        from ..routing.ood import SparseTokenCounts
-
         try:
             SparseTokenCounts(keys, values, len(config.adapter_names), int(vocab))
         except (ValueError, TypeError) as err:
@@ -233,9 +233,9 @@ def _check_ood_tensors(directory: str, config: AriadneConfig, tensors: dict[str,
         raise BundleError(f"{where}: {ROUTER_TOKEN_COUNTS!r} has shape {tuple(counts.shape)} and dtype {counts.dtype} "
                           f"(expected non-negative integers [{len(config.adapter_names)}, {vocab}]: one row per "
                           "adapter); the router file belongs to another bundle.")
-    if stats.shape != (2, 4) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
-        raise BundleError(f"{where}: {ROUTER_OOD_STATS!r} must be finite [2, 4] with positive sd, got "
-                          f"{tuple(stats.shape)}; the router file is corrupt.")
+    problem = ood_stats_problem(stats)
+    if problem:
+        raise BundleError(f"{where}: {ROUTER_OOD_STATS!r} {problem}; the router file is corrupt.")
     threshold = getattr(config, "ood_threshold", None)
     if threshold is None or not isinstance(getattr(config, "ood_calibration", None), dict):
         raise BundleError(f"{where} holds out-of-distribution tables but config.json has no ood_threshold / "

@@ -21,6 +21,7 @@ import torch
 
 from .._version import __version__
 from ..constants import BASE_ADAPTER, BASE_DIR, IMAGES_DIR, MODEL_CARD_NAME, REPO_ID_PLACEHOLDER
+from ..kernels.distances import get_distance
 
 TEMPLATE = "bundle_card.md"
 CARD_TEMPLATES_PACKAGE = "ariadne_hf.bundle.hub_cards"
@@ -205,7 +206,7 @@ def _report_view(report: dict) -> dict:
 
 def _centroid_caption(cfg: dict, centroids: torch.Tensor, has_plots: bool) -> str:
     k, d = (int(s) for s in centroids.shape)
-    space = "unit-normalised (cosine), " if cfg.get("distance", "cosine") == "cosine" else ""
+    space = get_distance(cfg.get("distance", "cosine")).card_space
     text = f"{k} centroid{'s' if k != 1 else ''} in D={d}"
     if not has_plots:
         return f"{text}; no map was drawn."
@@ -241,11 +242,11 @@ def write_card_images(save_directory: str | os.PathLike, cfg: dict, centroids: t
 def centroid_map(centroids: torch.Tensor, distance: str = "cosine") -> tuple[torch.Tensor, list[float]]:
     """2-D PCA coordinates [K, 2] of the centroids and the explained variance ratio of both axes.
 
-    Cosine centroids are unit-normalised first. Deterministic: each component's largest loading is positive.
+    Centroids of a ``normalized`` distance (cosine) are unit-normalised first. Deterministic: each component's largest loading is positive.
     Degenerate inputs are fine: K=1 gives the origin, D=1 or rank 1 gives a zero second axis.
     """
     x = centroids.detach().to(torch.float64).cpu().reshape(centroids.shape[0], -1)  # [K, D]
-    if distance == "cosine":
+    if get_distance(distance).normalized:
         x = x / x.norm(dim=1, keepdim=True).clamp_min(1e-12)
     x = x - x.mean(dim=0, keepdim=True)
     coords = torch.zeros(x.shape[0], 2, dtype=torch.float64)

@@ -15,7 +15,8 @@ it is imported only when the triton backend is chosen. The chosen path is logged
 Files, per kernel a torch file (the specification and the CPU path) and a Triton file (fused kernels and
 host wrappers; imported on first use), plus shared checks and helpers:
 
-* ``checks``: argument checks of both paths; ``triton_common``: interpreter flag, device check, blocks;
+* ``distances``: the distance registry (one ``Distance`` entry per name, read by every other place);
+* ``checks``: argument checks of both paths (``routing_args``: the checked ``RoutingArgs``); ``triton_common``: interpreter flag, device check, blocks;
 * ``pool_distance_torch`` / ``pool_distance_triton``: ``embed_pool_distance``, ``incremental_pool_distance``;
 * ``mixture_torch`` / ``mixture_triton``: ``mixture_lora``.
 """
@@ -30,6 +31,8 @@ import os
 import torch
 
 from ..constants import ENV_KERNEL
+from .checks import RoutingArgs, routing_args
+from .distances import DISTANCES, Distance, get_distance
 from .mixture_torch import dense_to_topk, mixture_lora_ref
 from .pool_distance_torch import (
     centroid_scores_ref,
@@ -122,17 +125,17 @@ def embed_pool_distance(
     ``input_ids`` [B, T] int32/int64, ``attention_mask`` [B, T], ``embed_weight`` [V, D] fp32/fp16/bf16 (read
     in place), ``centroids`` [K, D], ``centroid_adapter`` [K] int in [0, A), ``num_adapters`` A,
     ``center`` [D] optional, ``token_weights`` [V] optional, ``transform`` [D, D] fp32 optional (whitening W),
-    ``distance`` "cosine" | "l2".
+    ``distance`` a name in ``distances.DISTANCES`` ("cosine", "l2").
     Returns (scores [B, A] fp32, higher = closer; best [B] int64, -1 for a row without weighted tokens)
     and, with ``return_pooled``, pooled [B, D] fp32 (un-centered). Exact rules:
     ``pool_distance_torch.embed_pool_distance_ref``. ``backend``: None | "torch" | "triton" (module docstring).
     """
-    kwargs = dict(center=center, token_weights=token_weights, transform=transform, distance=distance,
-                  return_pooled=return_pooled)
-    args = (input_ids, attention_mask, embed_weight, centroids, centroid_adapter, num_adapters)
+    tables = (embed_weight, centroids, centroid_adapter, num_adapters)
+    options = dict(center=center, token_weights=token_weights, transform=transform, distance=distance)
     if resolve_backend(embed_weight.device, backend, op="embed_pool_distance") == "triton":
-        return _triton_module("pool_distance_triton").embed_pool_distance_triton(*args, **kwargs)
-    return embed_pool_distance_ref(*args, **kwargs)
+        return _triton_module("pool_distance_triton").embed_pool_distance_triton(
+            input_ids, attention_mask, routing_args(*tables, **options), return_pooled=return_pooled)
+    return embed_pool_distance_ref(input_ids, attention_mask, *tables, **options, return_pooled=return_pooled)
 
 
 def incremental_pool_distance(
@@ -159,12 +162,12 @@ def incremental_pool_distance(
     int64) exactly as ``embed_pool_distance`` would for the whole context so far (up to fp32 summation
     order). Exact rules: ``pool_distance_torch.incremental_pool_distance_ref``; backend rules as above.
     """
-    kwargs = dict(new_mask=new_mask, center=center, token_weights=token_weights, transform=transform,
-                  distance=distance)
-    args = (new_ids, running_sum, running_weight, embed_weight, centroids, centroid_adapter, num_adapters)
+    tables = (embed_weight, centroids, centroid_adapter, num_adapters)
+    options = dict(center=center, token_weights=token_weights, transform=transform, distance=distance)
     if resolve_backend(embed_weight.device, backend, op="incremental_pool_distance") == "triton":
-        return _triton_module("pool_distance_triton").incremental_pool_distance_triton(*args, **kwargs)
-    return incremental_pool_distance_ref(*args, **kwargs)
+        return _triton_module("pool_distance_triton").incremental_pool_distance_triton(
+            new_ids, running_sum, running_weight, routing_args(*tables, **options), new_mask=new_mask)
+    return incremental_pool_distance_ref(new_ids, running_sum, running_weight, *tables, new_mask=new_mask, **options)
 
 
 def mixture_lora(x, lora_A, lora_B, scaling, topk_indices, topk_weights, *, backend=None, checked: bool = True):
@@ -202,10 +205,14 @@ def mixture_lora_kernel(resolved_backend: str):
 
 __all__ = [
     "BACKENDS",
+    "DISTANCES",
+    "Distance",
+    "RoutingArgs",
     "centroid_scores_ref",
     "dense_to_topk",
     "embed_pool_distance",
     "embed_pool_distance_ref",
+    "get_distance",
     "incremental_pool_distance",
     "incremental_pool_distance_ref",
     "mixture_lora",
@@ -213,5 +220,6 @@ __all__ = [
     "mixture_lora_ref",
     "pool_embeddings_ref",
     "resolve_backend",
+    "routing_args",
     "triton_available",
 ]

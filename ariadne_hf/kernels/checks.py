@@ -7,9 +7,12 @@ device sync each; the others read only shapes, dtypes, devices and strides.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-DISTANCES = ("cosine", "l2")
+from .distances import Distance, get_distance
+
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -44,8 +47,7 @@ def check_routing_args(
     transform: torch.Tensor | None = None,
 ) -> None:
     """Validate the arguments shared by the full and the incremental routing functions (no sync)."""
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    get_distance(distance)  # ValueError naming the known distances
     if embed_weight.dim() != 2 or embed_weight.dtype not in TABLE_DTYPES:
         raise ValueError(
             f"embed_weight must be a [V, D] float32/float16/bfloat16 table, got {tuple(embed_weight.shape)} "
@@ -72,6 +74,34 @@ def check_routing_args(
     devices = {t.device for t in tensors if t is not None}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+
+
+@dataclass(frozen=True)
+class RoutingArgs:
+    """The checked arguments both routing kernels share, on every backend (built by `routing_args`).
+
+    The tensors are the caller's, neither copied nor converted; ``distance`` is the registry entry.
+    """
+
+    embed_weight: torch.Tensor  # [V, D] fp32/fp16/bf16
+    centroids: torch.Tensor  # [K, D] float
+    centroid_adapter: torch.Tensor  # [K] int in [0, A)
+    num_adapters: int  # A >= 1
+    center: torch.Tensor | None  # [D]
+    token_weights: torch.Tensor | None  # [V]
+    transform: torch.Tensor | None  # [D, D] fp32
+    distance: Distance
+
+
+def routing_args(embed_weight: torch.Tensor, centroids: torch.Tensor, centroid_adapter: torch.Tensor,
+                 num_adapters: int, *, center: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
+                 transform: torch.Tensor | None = None, distance: str = "cosine") -> RoutingArgs:
+    """`check_routing_args` and `check_centroid_adapter_range` (one device sync), then the checked `RoutingArgs`."""
+    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
+                       transform)
+    check_centroid_adapter_range(centroid_adapter, num_adapters)
+    return RoutingArgs(embed_weight, centroids, centroid_adapter, int(num_adapters), center, token_weights, transform,
+                       get_distance(distance))
 
 
 def check_centroid_adapter_range(centroid_adapter: torch.Tensor, num_adapters: int) -> None:
@@ -129,15 +159,12 @@ def check_incremental_args(
 # --------------------------------------------------------------------------------------------------
 
 
-def check_mixture_lora_args(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: torch.Tensor,
-    topk_indices: torch.Tensor,
-    topk_weights: torch.Tensor,
-) -> None:
-    """Validate shapes, dtypes, devices and the index range [-1, A) (one device sync); raise ``ValueError``."""
+def check_mixture_lora_args(x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,
+                            topk_indices: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """Validate shapes, dtypes, devices and the index range [-1, A) (one device sync); raise ``ValueError``.
+
+    The arguments of ``mixture_torch.mixture_lora_ref`` (shapes there), in its order.
+    """
     if x.dim() != 2 or not x.is_floating_point():
         raise ValueError(f"x must be a float [N, IN] tensor, got {tuple(x.shape)} {x.dtype}")
     n, in_features = x.shape

@@ -128,12 +128,8 @@ def _out_splits(n_row_tiles: int, n_out_tiles: int, device) -> int:
 
 
 def mixture_lora_triton(
-    x: torch.Tensor,
-    lora_A: torch.Tensor,
-    lora_B: torch.Tensor,
-    scaling: torch.Tensor,
-    topk_indices: torch.Tensor,
-    topk_weights: torch.Tensor,
+    x: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling: torch.Tensor,  # the LoRA stacks
+    topk_indices: torch.Tensor, topk_weights: torch.Tensor,  # the rows' adapters and weights
     *,
     block_sizes: dict | None = None,
     out_splits: int | None = None,

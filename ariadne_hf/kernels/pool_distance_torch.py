@@ -14,9 +14,10 @@ Routing semantics (shared by every backend; ``pool_distance_triton`` implements 
   sum is ``0`` ("no weighted tokens") has ``pooled[b] = 0``.
 * ``x[b] = W (pooled[b] - center)``: ``center`` [D] optional, subtracted after pooling; ``W = transform``
   [D, D] optional (a whitening matrix, ``x = (pooled - center) @ transform.T``), identity when absent.
-* ``sim(x, c)`` is the cosine similarity ``x.c / (max(|x|, eps) * max(|c|, eps))`` (``eps = 1e-12``, as
-  ``F.normalize``) for ``"cosine"`` and the negated euclidean distance ``-|x - c|`` for ``"l2"``,
-  computed as ``-sqrt(max(|x|^2 - 2 x.c + |c|^2, 0))`` (one matmul; like ``torch.cdist``).
+* ``sim(x, c)`` is the ``similarity`` of the distance's entry in ``distances.REGISTRY``, from ``x.c``, ``|x|`` and
+  ``|c|`` (one matmul): for ``"cosine"`` ``x.c / (max(|x|, eps) * max(|c|, eps))`` (``eps = 1e-12``, as
+  ``F.normalize``), for ``"l2"`` the negated euclidean distance ``-sqrt(max(|x|^2 - 2 x.c + |c|^2, 0))``
+  (like ``torch.cdist``).
 * ``scores[b, a] = max_{k: centroid_adapter[k] == a} sim(x[b], C[k])``; ``-inf`` for an adapter without
   centroids and for every adapter of a row with no weighted tokens.
 * ``best[b] = argmax_a scores[b, a]``, ties to the lowest adapter index; ``-1`` when the row has no
@@ -31,16 +32,13 @@ import torch
 import torch.nn.functional as F
 
 from .checks import (
-    DISTANCES,
+    RoutingArgs,
     check_batch_args,
-    check_centroid_adapter_range,
     check_incremental_args,
-    check_routing_args,
     check_token_ids_in_range,
+    routing_args,
 )
-
-EPS = 1e-12
-"""Norm clamp of the cosine similarity (the ``eps`` of ``F.normalize``)."""
+from .distances import get_distance
 
 _HALF_CHUNK_ELEMENTS = 1 << 21
 """Gathered half-precision rows are upcast to fp32 in chunks of about this many elements (8 MB fp32)."""
@@ -135,16 +133,12 @@ def centroid_similarity_ref(x: torch.Tensor, centroids: torch.Tensor, distance: 
 
     ``x`` [B, D] fp32 (already centered), ``centroids`` [K, D] any float dtype. Returns [B, K] fp32.
     """
+    similarity = get_distance(distance).similarity
     c = centroids if centroids.dtype == torch.float32 else centroids.to(torch.float32)  # [K, D]
     dots = x @ c.T  # [B, K]
     c_norm = torch.linalg.vector_norm(c, dim=-1)  # [K], a reduction: no [K, D] temporary
     x_norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)  # [B, 1]
-    if distance == "cosine":
-        return dots.div_(x_norm.clamp_min(EPS)).div_(c_norm.clamp_min(EPS).unsqueeze(0))
-    if distance == "l2":
-        sq = dots.mul_(-2.0).add_(x_norm.square()).add_(c_norm.square().unsqueeze(0))  # [B, K]
-        return sq.clamp_min_(0.0).sqrt_().neg_()
-    raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}")
+    return similarity(dots, x_norm, c_norm)  # [B, K]
 
 
 def adapter_max_ref(
@@ -207,20 +201,18 @@ def centroid_scores_ref(
     return adapter_max_ref(sim, centroid_adapter, num_adapters, weight_sum != 0)
 
 
-def embed_pool_distance_ref(
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    embed_weight: torch.Tensor,
-    centroids: torch.Tensor,
-    centroid_adapter: torch.Tensor,
-    num_adapters: int,
-    *,
-    center: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    transform: torch.Tensor | None = None,
-    distance: str = "cosine",
-    return_pooled: bool = False,
-):
+def _score_pooled(pooled: torch.Tensor, weight_sum: torch.Tensor,
+                  args: RoutingArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """`centroid_scores_ref` on checked arguments: (scores [B, A] fp32, best [B] int64)."""
+    return centroid_scores_ref(pooled, weight_sum, args.centroids, args.centroid_adapter, args.num_adapters,
+                               center=args.center, transform=args.transform, distance=args.distance.name)
+
+
+def embed_pool_distance_ref(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                            embed_weight: torch.Tensor, centroids: torch.Tensor, centroid_adapter: torch.Tensor,
+                            num_adapters: int, *, center: torch.Tensor | None = None,
+                            token_weights: torch.Tensor | None = None, transform: torch.Tensor | None = None,
+                            distance: str = "cosine", return_pooled: bool = False):
     """Semantics: scores[b, a] = max_k sim(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids.
 
     The torch specification of the fused kernel (module docstring for every rule) and the CPU path.
@@ -229,34 +221,19 @@ def embed_pool_distance_ref(
     ``transform`` [D, D] fp32 (whitening ``W``). Returns (scores [B, A] fp32, best [B] int64) and, with
     ``return_pooled``, also the pooled embedding [B, D] fp32 (before centering and whitening).
     """
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
-                       transform)
-    check_centroid_adapter_range(centroid_adapter, num_adapters)
+    args = routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center=center,
+                        token_weights=token_weights, transform=transform, distance=distance)
     pooled, weight_sum = pool_embeddings_ref(input_ids, attention_mask, embed_weight, token_weights)
-    scores, best = centroid_scores_ref(
-        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, transform=transform,
-        distance=distance,
-    )
-    if return_pooled:
-        return scores, best, pooled
-    return scores, best
+    scores, best = _score_pooled(pooled, weight_sum, args)
+    return (scores, best, pooled) if return_pooled else (scores, best)
 
 
-def incremental_pool_distance_ref(
-    new_ids: torch.Tensor,
-    running_sum: torch.Tensor,
-    running_weight: torch.Tensor,
-    embed_weight: torch.Tensor,
-    centroids: torch.Tensor,
-    centroid_adapter: torch.Tensor,
-    num_adapters: int,
-    *,
-    new_mask: torch.Tensor | None = None,
-    center: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    transform: torch.Tensor | None = None,
-    distance: str = "cosine",
-) -> tuple[torch.Tensor, torch.Tensor]:
+def incremental_pool_distance_ref(new_ids: torch.Tensor, running_sum: torch.Tensor, running_weight: torch.Tensor,
+                                  embed_weight: torch.Tensor, centroids: torch.Tensor, centroid_adapter: torch.Tensor,
+                                  num_adapters: int, *, new_mask: torch.Tensor | None = None,
+                                  center: torch.Tensor | None = None, token_weights: torch.Tensor | None = None,
+                                  transform: torch.Tensor | None = None,
+                                  distance: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b]; then score S[b] / W[b] like ``embed_pool_distance``.
 
     Token-level routing while decoding. ``new_ids`` [B] int32/int64 (the newest token of every row),
@@ -267,16 +244,12 @@ def incremental_pool_distance_ref(
     prompt token by token the scores equal ``embed_pool_distance`` on the whole prompt up to fp32
     summation order. Returns (scores [B, A] fp32, best [B] int64); rows with W == 0 get -inf / -1.
     """
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
-                       transform)
-    check_centroid_adapter_range(centroid_adapter, num_adapters)
+    args = routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center=center,
+                        token_weights=token_weights, transform=transform, distance=distance)
     pooled, weight_sum = incremental_pool_update_ref(
         new_ids, running_sum, running_weight, embed_weight, new_mask=new_mask, token_weights=token_weights
     )
-    return centroid_scores_ref(
-        pooled, weight_sum, centroids, centroid_adapter, num_adapters, center=center, transform=transform,
-        distance=distance,
-    )
+    return _score_pooled(pooled, weight_sum, args)
 
 
 def incremental_pool_update_ref(

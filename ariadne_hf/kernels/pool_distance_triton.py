@@ -27,8 +27,8 @@ row-block counters.
 * scoring item ``(row-block of BLOCK_B rows, k-tile of BLOCK_K centroids)``: waits until ``sync[1]``
   reaches ``n_pool`` (without a transform) or ``sync[2]`` reaches ``n_white`` (with one; acquire), loops
   over D tiles accumulating ``x . c`` with ``tl.dot`` (ieee fp32), ``|x|^2`` and ``|c|^2`` (x read from
-  ``pooled`` with centering applied on the fly, or from ``whitened``, already centered), turns them into
-  cosine / negated L2, and scatters the tile into the per-adapter maximum with
+  ``pooled`` with centering applied on the fly, or from ``whitened``, already centered), turns them into the
+  similarity of the constexpr ``DISTANCE`` (``distances.REGISTRY`` code: one compile-time branch each), and scatters the tile into the per-adapter maximum with
   ``atomic_max(scores[b, c2a[k]], sim)``. It then increments the row-block counter ``sync[3 + rb]``; the
   program that arrives last for a row block (``n_k_tiles - 1`` before it) computes ``best`` = first
   argmax over A for those rows (the second tiny reduction, O(BLOCK_B * A), inside the same launch).
@@ -43,9 +43,27 @@ program ids, so each phase has run to completion before the next one starts.
 Pooling is parallel over ``B * cdiv(D, BLOCK_DP)`` items. Whitening and scoring items are ordered with
 the row block varying fastest, so the ``cdiv(B, BLOCK_B)`` programs reading the same W or centroid tile
 run together and share it through L2: W and the centroid table come from DRAM about once.
+
+Memory floor
+------------
+``embed_pool_distance_triton`` must touch the ids and mask (B*T each), the embedding rows of the masked-in tokens
+(n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem) and the map (K*4), with a
+transform W (D*D*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled). Expected time ~ those bytes / memory
+bandwidth: the kernel reads each needed table row once per D tile (no upcast copy), and W and the centroids about
+once from DRAM (the ``cdiv(B, BLOCK_B)`` row blocks of a W or centroid tile are scheduled together and share it
+through L2). The only extra traffic is the pooled scratch (B*D*4 written once, re-read per k-tile from L2, or per
+output d-tile with a transform, which also writes and re-reads the whitened scratch, B*D*4) and the B*K
+``atomic_max`` updates. On a GPU, with B <= 64, the distance step is memory-bound (8 flop per centroid byte with
+BLOCK_B = 16), so the floor is those bytes / HBM bandwidth. The whitening step costs B*D*D*2 flops for D*D*4 bytes
+(B/2 flop per byte of W): it is memory-bound for small B, but its ieee fp32 ``tl.dot`` (FMA, no TF32) makes it
+compute-bound from roughly B >= 16-32 on an A100-class GPU. One host sync: the id range check (and the centroid map
+check, in ``checks.routing_args``). ``incremental_pool_distance_triton`` touches B*D*(elem + 8) bytes for the update
+plus K*D*elem for the centroids, plus D*D*4 for a transform (B*D*D*2 flops).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -53,11 +71,10 @@ import triton.language as tl
 
 from .checks import (
     TABLE_DTYPES,
+    RoutingArgs,
     check_batch_shapes,
-    check_centroid_adapter_range,
     check_incremental_args,
     check_last_dim_contiguous,
-    check_routing_args,
     check_token_ids_in_range,
 )
 from .triton_common import check_triton_device, interpreter_requested, next_pow2, resolve_blocks
@@ -193,7 +210,7 @@ def _finalize_best(rb, scores_ptr, best_ptr, B, A, BLOCK_B: tl.constexpr, BLOCK_
 def _score_tile(
     item, x_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, rb_sync_ptr,
     B, D, K, A, stride_ck,
-    HAS_CENTER: tl.constexpr, IS_COSINE: tl.constexpr,
+    HAS_CENTER: tl.constexpr, DISTANCE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """atomic_max(scores[b, c2a[k]], sim(x[b] - center, C[k])) over a BLOCK_B x BLOCK_K tile; last one finalizes best.
@@ -228,12 +245,14 @@ def _score_tile(
         dots += tl.dot(x, tl.trans(c), input_precision="ieee")
         x_sq += tl.sum(x * x, axis=1)
         c_sq += tl.sum(c * c, axis=1)
-    if IS_COSINE:
-        x_norm = tl.maximum(tl.sqrt_rn(x_sq), 1e-12)  # [BB]
+    # One compile-time branch per distances.REGISTRY code: sim from x.c, |x|^2 and |c|^2 (Distance.similarity).
+    if DISTANCE == 0:  # "cosine"
+        x_norm = tl.maximum(tl.sqrt_rn(x_sq), 1e-12)  # [BB] (distances.EPS)
         c_norm = tl.maximum(tl.sqrt_rn(c_sq), 1e-12)  # [BK]
         sim = dots / (x_norm[:, None] * c_norm[None, :])  # [BB, BK]
     else:
-        sim = -tl.sqrt_rn(tl.maximum(x_sq[:, None] - 2.0 * dots + c_sq[None, :], 0.0))  # [BB, BK]
+        tl.static_assert(DISTANCE == 1, "pool_distance_triton has no branch for this DISTANCE code")
+        sim = -tl.sqrt_rn(tl.maximum(x_sq[:, None] - 2.0 * dots + c_sq[None, :], 0.0))  # [BB, BK] "l2"
     wsum = tl.load(wsum_ptr + rows64, mask=row_ok, other=0.0, volatile=True)  # [BB]
     live = row_ok & (wsum != 0.0)
     adapter = tl.load(c2a_ptr + ks64, mask=k_ok, other=0).to(tl.int64)  # [BK]
@@ -248,7 +267,7 @@ def _score_tile(
 def _after_pooling(
     item, n_pool, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr, transform_ptr, cent_ptr, c2a_ptr,
     scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
-    HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, IS_COSINE: tl.constexpr,
+    HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, DISTANCE: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
     """Post-pooling item ``item`` (ticket - n_pool) of both kernels: whitening items first (with HAS_TRANSFORM),
@@ -262,12 +281,12 @@ def _after_pooling(
         else:
             _wait_done(sync_ptr + 2, n_white)
             _score_tile(item - n_white, whitened_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr,
-                        scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, IS_COSINE,
+                        scores_ptr, best_ptr, sync_ptr + 3, B, D, K, A, stride_ck, False, DISTANCE,
                         BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
     else:
         _wait_done(sync_ptr + 1, n_pool)
         _score_tile(item, pooled_ptr, wsum_ptr, center_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr,
-                    sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, IS_COSINE,
+                    sync_ptr + 3, B, D, K, A, stride_ck, HAS_CENTER, DISTANCE,
                     BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
@@ -283,7 +302,7 @@ def _embed_pool_distance_kernel(
     B, T, D, K, A,
     stride_ib, stride_it, stride_mb, stride_mt, stride_ev, stride_ck,
     n_dtiles, n_pool, n_white,
-    HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, IS_COSINE: tl.constexpr,
+    HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr, DISTANCE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
@@ -306,7 +325,7 @@ def _embed_pool_distance_kernel(
     else:
         _after_pooling(ticket - n_pool, n_pool, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr,
                        transform_ptr, cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
-                       HAS_CENTER, HAS_TRANSFORM, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+                       HAS_CENTER, HAS_TRANSFORM, DISTANCE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 @triton.jit
@@ -315,7 +334,7 @@ def _incremental_pool_distance_kernel(
     sum_ptr, wsum_ptr, pooled_ptr, whitened_ptr, scores_ptr, best_ptr, sync_ptr,
     B, D, K, A, stride_ev, stride_sb, stride_ck, n_white,
     HAS_MASK: tl.constexpr, HAS_TOKW: tl.constexpr, HAS_CENTER: tl.constexpr, HAS_TRANSFORM: tl.constexpr,
-    IS_COSINE: tl.constexpr,
+    DISTANCE: tl.constexpr,
     BLOCK_DP: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr, BLOCK_A: tl.constexpr,
 ):
@@ -353,7 +372,7 @@ def _incremental_pool_distance_kernel(
     else:
         _after_pooling(ticket - B, B, n_white, pooled_ptr, whitened_ptr, wsum_ptr, center_ptr, transform_ptr,
                        cent_ptr, c2a_ptr, scores_ptr, best_ptr, sync_ptr, B, D, K, A, stride_ck,
-                       HAS_CENTER, HAS_TRANSFORM, IS_COSINE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
+                       HAS_CENTER, HAS_TRANSFORM, DISTANCE, BLOCK_B, BLOCK_K, BLOCK_D, BLOCK_A)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -375,31 +394,70 @@ def pool_distance_blocks(batch: int, tokens: int, dim: int, num_centroids: int, 
     }
 
 
-def _prepare_common(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
-                    transform=None):
-    """Checks shared by both host wrappers.
+@dataclass
+class _Launch:
+    """What both host wrappers hand their kernel: converted tables, outputs, scratch, block sizes and item counts.
 
-    Returns (c2a int32 [K], center fp32 or None, tokw fp32 or None, transform fp32 [D, D] contiguous or None).
+    ``c2a`` int32 [K]; ``center`` fp32 [D], ``tokw`` fp32 [V], ``transform`` fp32 [D, D] contiguous, each or None;
+    ``pooled`` [B, D] fp32 (output or scratch), ``whitened`` [B, D] fp32 scratch (with a transform), ``scores``
+    [B, A] fp32, ``best`` [B] int64, ``sync`` [3 + cdiv(B, BLOCK_B)] int32 zeros (module docstring).
     """
-    check_routing_args(embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance,
-                       transform)
-    check_centroid_adapter_range(centroid_adapter, num_adapters)
-    check_last_dim_contiguous("embed_weight", embed_weight)
+
+    c2a: torch.Tensor
+    center: torch.Tensor | None
+    tokw: torch.Tensor | None
+    transform: torch.Tensor | None
+    pooled: torch.Tensor
+    whitened: torch.Tensor | None
+    scores: torch.Tensor
+    best: torch.Tensor
+    sync: torch.Tensor
+    blocks: dict
+    n_white: int
+    n_score: int
+
+    def tables(self) -> tuple[torch.Tensor, ...]:
+        """(tokw, center, transform) pointers, ``pooled`` standing in for an absent one (never dereferenced)."""
+        return tuple(self.pooled if t is None else t for t in (self.tokw, self.center, self.transform))
+
+    def flags(self, args: RoutingArgs) -> dict:
+        """The constexpr switches shared by both kernels, and the block sizes."""
+        return dict(HAS_TOKW=self.tokw is not None, HAS_CENTER=self.center is not None,
+                    HAS_TRANSFORM=self.transform is not None, DISTANCE=args.distance.code, **self.blocks)
+
+
+def _prepare_launch(args: RoutingArgs, batch: int, tokens: int | None, block_sizes: dict | None) -> _Launch:
+    """Layout and device checks of the tables (``ValueError`` / ``RuntimeError``), then the `_Launch` of a batch.
+
+    ``tokens`` is T for the full kernel and None for the incremental one (no ``BLOCK_T``). Never copies the table
+    or the centroids (they must be contiguous in their last dimension); a strided transform is copied contiguous.
+    """
+    emb, centroids = args.embed_weight, args.centroids
+    check_last_dim_contiguous("embed_weight", emb)
     check_last_dim_contiguous("centroids", centroids)
     if centroids.dtype not in TABLE_DTYPES:
         raise ValueError(f"centroids must be fp32/fp16/bf16, got {centroids.dtype}")
-    c2a = centroid_adapter.to(torch.int32).contiguous()  # [K]
-    center32 = None if center is None else center.to(torch.float32).contiguous()  # [D]
-    tokw32 = None if token_weights is None else token_weights.to(torch.float32).contiguous()  # [V]
-    transform32 = None if transform is None else transform.contiguous()  # [D, D] (fp32 checked; small: copied if strided)
-    return c2a, center32, tokw32, transform32
-
-
-def _whitening_items(transform32, batch: int, dim: int, num_centroids: int, blocks: dict) -> int:
-    """Number of whitening items: cdiv(B, BLOCK_B) * cdiv(D, BLOCK_D) with a transform (0 without, or when K == 0)."""
-    if transform32 is None or num_centroids == 0:
-        return 0
-    return triton.cdiv(batch, blocks["BLOCK_B"]) * triton.cdiv(dim, blocks["BLOCK_D"])
+    check_triton_device(INTERPRETED, emb)
+    dim, num_centroids, num_adapters, device = emb.shape[1], centroids.shape[0], args.num_adapters, emb.device
+    blocks = resolve_blocks(
+        pool_distance_blocks(batch, tokens or 1, dim, num_centroids, num_adapters, device), block_sizes)
+    if tokens is None:
+        blocks.pop("BLOCK_T")
+    transform = None if args.transform is None else args.transform.contiguous()  # [D, D] (fp32 checked; small)
+    n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
+    n_white = 0 if transform is None or num_centroids == 0 else n_rb * triton.cdiv(dim, blocks["BLOCK_D"])
+    return _Launch(
+        c2a=args.centroid_adapter.to(torch.int32).contiguous(),  # [K]
+        center=None if args.center is None else args.center.to(torch.float32).contiguous(),  # [D]
+        tokw=None if args.token_weights is None else args.token_weights.to(torch.float32).contiguous(),  # [V]
+        transform=transform,
+        pooled=torch.empty(batch, dim, dtype=torch.float32, device=device),  # [B, D]
+        whitened=None if transform is None else torch.empty(batch, dim, dtype=torch.float32, device=device),
+        scores=torch.empty(batch, num_adapters, dtype=torch.float32, device=device),  # [B, A]
+        best=torch.empty(batch, dtype=torch.int64, device=device),  # [B]
+        sync=torch.zeros(3 + n_rb, dtype=torch.int32, device=device),  # tickets, pooled, whitened, row blocks
+        blocks=blocks, n_white=n_white, n_score=n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"]),
+    )
 
 
 def _mask_view(mask: torch.Tensor) -> torch.Tensor:
@@ -410,155 +468,79 @@ def _mask_view(mask: torch.Tensor) -> torch.Tensor:
 def embed_pool_distance_triton(
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
-    embed_weight: torch.Tensor,
-    centroids: torch.Tensor,
-    centroid_adapter: torch.Tensor,
-    num_adapters: int,
+    args: RoutingArgs,
     *,
-    center: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    transform: torch.Tensor | None = None,
-    distance: str = "cosine",
     return_pooled: bool = False,
     block_sizes: dict | None = None,
 ):
-    """Semantics: scores[b, a] = max_k cos(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids
-    (negated euclidean distance for "l2"); best[b] = first argmax_a, -1 for a row with no weighted tokens.
+    """Semantics: scores[b, a] = max_k sim(W (mean_t w E[ids[b,t]] - center), C[k]) over adapter a's centroids;
+    best[b] = first argmax_a, -1 for a row with no weighted tokens.
 
-    Exactly the rules of ``pool_distance_torch.embed_pool_distance_ref`` (same arguments and returns; W = ``transform``
-    [D, D] fp32, ``x = (pooled - center) @ transform.T``, identity when None), in ONE Triton launch (module
-    docstring: ticketed pooling items, with a transform whitening tiles, then scoring tiles with ``tl.dot``
-    and ``atomic_max`` into a -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``).
-    ``return_pooled`` returns the pooled embedding before centering and whitening.
+    Exactly the rules of ``pool_distance_torch.embed_pool_distance_ref`` (its tables and options arrive checked as
+    ``args``, from ``checks.routing_args``; same returns) in ONE Triton launch (module docstring: ticketed pooling
+    items, with a transform whitening tiles, then scoring tiles with ``tl.dot`` and ``atomic_max`` into a
+    -inf-initialised ``scores`` [B, A], and a last-arriver argmax for ``best``). ``return_pooled`` returns the
+    pooled embedding before centering and whitening. Cost: module docstring ("Memory floor").
 
-    Bytes it must touch (the memory floor): the ids and mask (B*T each), the embedding rows of the
-    masked-in tokens (n_tokens * D * elem_size of the table: fp32 4, fp16/bf16 2), the centroids (K*D*elem)
-    and the map (K*4), with a transform W (D*D*4), plus the outputs (B*A*4 + B*8, B*D*4 for pooled).
-    Expected time ~ those bytes / memory bandwidth: the kernel reads each needed table row once per D tile
-    (no upcast copy), and W and the centroids about once from DRAM (the ``cdiv(B, BLOCK_B)`` row blocks of
-    a W or centroid tile are scheduled together and share it through L2). The only extra traffic is the
-    pooled scratch (B*D*4 written once, re-read per k-tile from L2, or per output d-tile with a transform,
-    which also writes and re-reads the whitened scratch, B*D*4) and the B*K ``atomic_max`` updates. On a
-    GPU, with B <= 64, the distance step is memory-bound (8 flop per centroid byte with BLOCK_B = 16), so
-    the floor is those bytes / HBM bandwidth. The whitening step costs B*D*D*2 flops for D*D*4 bytes
-    (B/2 flop per byte of W): it is memory-bound for small B, but its ieee fp32 ``tl.dot`` (FMA, no TF32)
-    makes it compute-bound from roughly B >= 16-32 on an A100-class GPU. One host sync: the id range
-    check (and the centroid map check).
-
-    Checks before launch (``ValueError``): ranks/shapes/dtypes, one device, last-dim contiguity of the
-    table and centroids (never copied), centroid_adapter in [0, A), and every id at a masked-in position
-    in [0, V) (the error names the id and V). ``transform`` must be fp32 [D, D] on the same device; a
-    strided one is copied contiguous. ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
+    Checks before launch (``ValueError``): ``input_ids`` / ``attention_mask`` shapes and device, last-dim contiguity
+    of the table and centroids (never copied), and every id at a masked-in position in [0, V) (the error names the
+    id and V; one host sync). ``block_sizes`` overrides any of ``GPU_BLOCKS``' keys.
     """
     check_batch_shapes(input_ids, attention_mask)
-    c2a, center32, tokw32, transform32 = _prepare_common(
-        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
-    )
-    devices = {input_ids.device, attention_mask.device, embed_weight.device}
+    emb = args.embed_weight
+    devices = {input_ids.device, attention_mask.device, emb.device}
     if len(devices) != 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    check_triton_device(INTERPRETED, embed_weight)
-    check_token_ids_in_range(input_ids, attention_mask != 0, embed_weight.shape[0])
-
+    check_token_ids_in_range(input_ids, attention_mask != 0, emb.shape[0])
     batch, tokens = input_ids.shape
-    dim = embed_weight.shape[1]
-    num_centroids = centroids.shape[0]
-    num_adapters = int(num_adapters)
-    device = embed_weight.device
-    blocks = resolve_blocks(pool_distance_blocks(batch, tokens, dim, num_centroids, num_adapters, device), block_sizes)
+    run = _prepare_launch(args, batch, tokens, block_sizes)
     mask = _mask_view(attention_mask)  # [B, T]
-    pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
-    wsum = torch.empty(batch, dtype=torch.float32, device=device)  # [B]
-    scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
-    best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
-    whitened = None if transform32 is None else torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
-    n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
-    sync = torch.zeros(3 + n_rb, dtype=torch.int32, device=device)  # tickets, pooled, whitened, row blocks
-    n_dtiles = triton.cdiv(dim, blocks["BLOCK_DP"])
+    wsum = torch.empty(batch, dtype=torch.float32, device=emb.device)  # [B]
+    n_dtiles = triton.cdiv(emb.shape[1], run.blocks["BLOCK_DP"])
     n_pool = batch * n_dtiles
-    n_white = _whitening_items(transform32, batch, dim, num_centroids, blocks)
-    n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
     if batch:
-        dummy = pooled  # never dereferenced when the matching HAS_* flag is off
-        _embed_pool_distance_kernel[(n_pool + n_white + n_score,)](
-            input_ids, mask, embed_weight, tokw32 if tokw32 is not None else dummy,
-            center32 if center32 is not None else dummy, transform32 if transform32 is not None else dummy,
-            centroids, c2a,
-            pooled, whitened if whitened is not None else dummy, wsum, scores, best, sync,
-            batch, tokens, dim, num_centroids, num_adapters,
+        _embed_pool_distance_kernel[(n_pool + run.n_white + run.n_score,)](
+            input_ids, mask, emb, *run.tables(), args.centroids, run.c2a,
+            run.pooled, run.pooled if run.whitened is None else run.whitened, wsum, run.scores, run.best, run.sync,
+            batch, tokens, emb.shape[1], args.centroids.shape[0], args.num_adapters,
             input_ids.stride(0), input_ids.stride(1), mask.stride(0), mask.stride(1),
-            embed_weight.stride(0), centroids.stride(0),
-            n_dtiles, n_pool, n_white,
-            HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None, HAS_TRANSFORM=transform32 is not None,
-            IS_COSINE=distance == "cosine", **blocks,
+            emb.stride(0), args.centroids.stride(0), n_dtiles, n_pool, run.n_white, **run.flags(args),
         )
-    if return_pooled:
-        return scores, best, pooled
-    return scores, best
+    return (run.scores, run.best, run.pooled) if return_pooled else (run.scores, run.best)
 
 
 def incremental_pool_distance_triton(
     new_ids: torch.Tensor,
     running_sum: torch.Tensor,
     running_weight: torch.Tensor,
-    embed_weight: torch.Tensor,
-    centroids: torch.Tensor,
-    centroid_adapter: torch.Tensor,
-    num_adapters: int,
+    args: RoutingArgs,
     *,
     new_mask: torch.Tensor | None = None,
-    center: torch.Tensor | None = None,
-    token_weights: torch.Tensor | None = None,
-    transform: torch.Tensor | None = None,
-    distance: str = "cosine",
     block_sizes: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Semantics: S[b] += w[b] E[new_ids[b]]; W[b] += w[b] (in place); scores[b, a] = max_k sim(M (S[b]/W[b] - center), C[k]).
 
-    M = ``transform`` [D, D] fp32 (``x = (S/W - center) @ transform.T``), identity when None. Exactly
-    ``pool_distance_torch.incremental_pool_distance_ref`` in one launch: B row items (O(D) each: one table row read,
-    S[b] read and written), with a transform the whitening tiles, then the scoring tiles of
-    ``embed_pool_distance_triton``. Bytes it must touch: B*D*(elem + 8) for the update plus K*D*elem for
-    the centroids, plus D*D*4 for a transform (B*D*D*2 flops). ``running_sum`` must be contiguous in its
-    last dimension (it is updated in place, never copied).
+    M = ``args.transform`` [D, D] fp32 (``x = (S/W - center) @ transform.T``), identity when None. Exactly
+    ``pool_distance_torch.incremental_pool_distance_ref`` (tables and options checked as ``args``) in one launch: B row
+    items (O(D) each: one table row read, S[b] read and written), with a transform the whitening tiles, then the
+    scoring tiles of ``embed_pool_distance_triton``. Cost: module docstring ("Memory floor"). ``running_sum`` must be
+    contiguous in its last dimension and ``running_weight`` contiguous (updated in place, never copied).
     """
-    c2a, center32, tokw32, transform32 = _prepare_common(
-        embed_weight, centroids, centroid_adapter, num_adapters, center, token_weights, distance, transform
-    )
-    keep = check_incremental_args(new_ids, running_sum, running_weight, embed_weight, new_mask)  # [B]
+    emb = args.embed_weight
+    keep = check_incremental_args(new_ids, running_sum, running_weight, emb, new_mask)  # [B]
     check_last_dim_contiguous("running_sum", running_sum)
     if not running_weight.is_contiguous():
         raise ValueError("running_weight must be contiguous")
-    check_triton_device(INTERPRETED, embed_weight)
-    check_token_ids_in_range(new_ids, keep, embed_weight.shape[0])
-
+    check_token_ids_in_range(new_ids, keep, emb.shape[0])
     batch = new_ids.shape[0]
-    dim = embed_weight.shape[1]
-    num_centroids = centroids.shape[0]
-    num_adapters = int(num_adapters)
-    device = embed_weight.device
-    blocks = resolve_blocks(pool_distance_blocks(batch, 1, dim, num_centroids, num_adapters, device), block_sizes)
-    blocks.pop("BLOCK_T")
-    mask = None if new_mask is None else _mask_view(new_mask.to(device)).contiguous()  # [B]
-    pooled = torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D] scratch
-    whitened = None if transform32 is None else torch.empty(batch, dim, dtype=torch.float32, device=device)  # [B, D]
-    scores = torch.empty(batch, num_adapters, dtype=torch.float32, device=device)  # [B, A]
-    best = torch.empty(batch, dtype=torch.int64, device=device)  # [B]
-    n_rb = triton.cdiv(batch, blocks["BLOCK_B"])
-    sync = torch.zeros(3 + n_rb, dtype=torch.int32, device=device)  # tickets, pooled, whitened, row blocks
-    n_white = _whitening_items(transform32, batch, dim, num_centroids, blocks)
-    n_score = n_rb * triton.cdiv(num_centroids, blocks["BLOCK_K"])
+    run = _prepare_launch(args, batch, None, block_sizes)
+    mask = None if new_mask is None else _mask_view(new_mask.to(emb.device)).contiguous()  # [B]
     if batch:
-        dummy = pooled
-        _incremental_pool_distance_kernel[(batch + n_white + n_score,)](
-            new_ids.contiguous(), mask if mask is not None else dummy, embed_weight,
-            tokw32 if tokw32 is not None else dummy, center32 if center32 is not None else dummy,
-            transform32 if transform32 is not None else dummy,
-            centroids, c2a, running_sum, running_weight, pooled, whitened if whitened is not None else dummy,
-            scores, best, sync,
-            batch, dim, num_centroids, num_adapters,
-            embed_weight.stride(0), running_sum.stride(0), centroids.stride(0), n_white,
-            HAS_MASK=mask is not None, HAS_TOKW=tokw32 is not None, HAS_CENTER=center32 is not None,
-            HAS_TRANSFORM=transform32 is not None, IS_COSINE=distance == "cosine", **blocks,
+        _incremental_pool_distance_kernel[(batch + run.n_white + run.n_score,)](
+            new_ids.contiguous(), run.pooled if mask is None else mask, emb, *run.tables(), args.centroids, run.c2a,
+            running_sum, running_weight, run.pooled, run.pooled if run.whitened is None else run.whitened,
+            run.scores, run.best, run.sync, batch, emb.shape[1], args.centroids.shape[0], args.num_adapters,
+            emb.stride(0), running_sum.stride(0), args.centroids.stride(0), run.n_white,
+            HAS_MASK=mask is not None, **run.flags(args),
         )
-    return scores, best
+    return run.scores, run.best

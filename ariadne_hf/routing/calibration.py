@@ -24,7 +24,7 @@ DEFAULT_REJECT_RATE = 0.02
 
 @dataclass
 class OodCalibration:
-    """token_counts (sparse per-adapter counts), stats [2, 4] fp32 (mean, sd per component), threshold, info."""
+    """token_counts (sparse per-adapter counts), stats [2, C] fp32 (mean, sd per component: `ood.OOD_STATS_SHAPE`), threshold, info."""
 
     token_counts: SparseTokenCounts
     stats: torch.Tensor
@@ -114,12 +114,12 @@ def calibrate_ood(pooled: Sequence[torch.Tensor], token_ids: Sequence[list[list[
                                         distance=build_kwargs.get("distance", "cosine"))  # [n, A]
         ids, weights = _pad([ids[i] for ids, idx in zip(token_ids, held, strict=True) for i in idx])
         held_components.append(ood_components_sparse(ids, weights, scores, counts))
-    components = torch.cat(held_components)  # [N_held, 4]
+    components = torch.cat(held_components)  # [N_held, C]
     components = components[torch.isfinite(components).all(dim=1)]
     mean = components.mean(dim=0)
     sd = components.std(dim=0) if components.shape[0] > 1 else torch.ones_like(mean)
     sd = torch.where(torch.isfinite(sd) & (sd > 1e-6), sd, torch.ones_like(sd))  # constant component: no scale
-    stats = torch.stack([mean, sd]).float()  # [2, 4]
+    stats = torch.stack([mean, sd]).float()  # [2, C]
     held_scores = combine(components, stats)  # [N_held]
     threshold = float(torch.quantile(held_scores.double(), 1.0 - float(reject_rate)))
     final_counts = SparseTokenCounts.from_token_ids(list(token_ids), vocab_size)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..kernels.checks import DISTANCES
+from ..kernels.distances import Distance, get_distance
 
 DEFAULT_KMEANS_ITERATIONS = 50
 DEFAULT_NUM_CENTROIDS = 1
@@ -16,21 +16,11 @@ DEFAULT_NUM_CENTROIDS = 1
 the LDA model) was best on single-task adapters and 0.2 points behind 4 on multi-task ones (docs/routing_quality.md)."""
 
 
-def _similarity(points: torch.Tensor, centers: torch.Tensor, distance: str) -> torch.Tensor:
-    """Higher = closer. points [N, D], centers [K, D] -> [N, K] (cosine assumes unit rows)."""
-    if distance == "cosine":
-        return points @ centers.T
-    return -torch.cdist(points, centers).square()
-
-
-def _kmeans_plus_plus(points: torch.Tensor, k: int, distance: str, generator: torch.Generator) -> torch.Tensor:
+def _kmeans_plus_plus(points: torch.Tensor, k: int, distance: Distance, generator: torch.Generator) -> torch.Tensor:
     """k-means++ seeding: returns k row indices of `points` [N, D], each drawn with probability ~ squared gap."""
     n = points.shape[0]
     chosen = [int(torch.randint(n, (1,), generator=generator).item())]
-    if distance == "cosine":
-        gap = (1.0 - points @ points[chosen[0]]).clamp_min(0.0)  # [N]
-    else:
-        gap = (points - points[chosen[0]]).square().sum(-1)  # [N]
+    gap = distance.seed_gap(points, points[chosen[0]])  # [N]
     for _ in range(1, k):
         total = gap.sum()
         if total <= 0:  # every remaining point coincides with a chosen one
@@ -38,11 +28,7 @@ def _kmeans_plus_plus(points: torch.Tensor, k: int, distance: str, generator: to
             chosen.append(remaining[0])
         else:
             chosen.append(int(torch.multinomial(gap / total, 1, generator=generator).item()))
-        if distance == "cosine":
-            new_gap = (1.0 - points @ points[chosen[-1]]).clamp_min(0.0)
-        else:
-            new_gap = (points - points[chosen[-1]]).square().sum(-1)
-        gap = torch.minimum(gap, new_gap)
+        gap = torch.minimum(gap, distance.seed_gap(points, points[chosen[-1]]))
     return torch.tensor(chosen, dtype=torch.long)
 
 
@@ -56,23 +42,23 @@ def kmeans(
 ) -> torch.Tensor:
     """Cluster `points` [N, D] into min(num_centroids, N) centroids [K, D] fp32.
 
-    Guarantees: deterministic for a seed (own `torch.Generator`, CPU); k-means++ seeding; for "cosine" the
-    points are L2-normalised and the centroids are unit-norm means (spherical k-means); for "l2" plain
-    Lloyd iterations. A cluster that empties keeps its previous centroid. K is clipped to N.
+    Guarantees: deterministic for a seed (own `torch.Generator`, CPU); k-means++ seeding (`Distance.seed_gap`),
+    assignment by `Distance.assign`; for a ``normalized`` distance ("cosine") the points are L2-normalised and the
+    centroids are unit-norm means (spherical k-means), otherwise ("l2") plain Lloyd iterations. A cluster that
+    empties keeps its previous centroid. K is clipped to N.
     """
     if points.ndim != 2 or points.shape[0] == 0:
         raise ValueError(f"kmeans needs a non-empty [N, D] matrix, got shape {tuple(points.shape)}.")
-    if distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {DISTANCES}, got {distance!r}.")
+    entry = get_distance(distance)
     x = points.detach().to(device="cpu", dtype=torch.float32)  # [N, D]
-    if distance == "cosine":
+    if entry.normalized:
         x = F.normalize(x, dim=-1)
     k = max(1, min(int(num_centroids), x.shape[0]))
     generator = torch.Generator().manual_seed(seed)
-    centers = x[_kmeans_plus_plus(x, k, distance, generator)].clone()  # [K, D]
+    centers = x[_kmeans_plus_plus(x, k, entry, generator)].clone()  # [K, D]
     assignment = None
     for _ in range(iterations):
-        new_assignment = _similarity(x, centers, distance).argmax(dim=-1)  # [N]
+        new_assignment = entry.assign(x, centers).argmax(dim=-1)  # [N]
         if assignment is not None and torch.equal(new_assignment, assignment):
             break
         assignment = new_assignment
@@ -80,7 +66,7 @@ def kmeans(
         counts = torch.bincount(assignment, minlength=k).to(torch.float32)  # [K]
         filled = counts > 0
         centers[filled] = sums[filled] / counts[filled].unsqueeze(-1)
-        if distance == "cosine":
+        if entry.normalized:
             centers = F.normalize(centers, dim=-1)
     return centers
 

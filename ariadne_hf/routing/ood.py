@@ -9,6 +9,14 @@ chat-template tokens weigh 0), scores s[b, :] from the router and routed adapter
     c3 = -sum_t w[b,t] llr[a*, ids[b,t]] / sum_t w[b,t]              unigram log-likelihood ratio, negated
     ood[b] = mean_j (c_j - mu_j) / sd_j                              z-scores from cross-fitted held-out prompts
 
+The components are the entries of `COMPONENT_REGISTRY` (one `OodComponent` each, computed from the per-row
+`RowEvidence`); `COMPONENTS` (their names) and `OOD_STATS_SHAPE` ([2, C]: mean and sd per component, the bundle's
+``router.ood_stats``) follow from it, and `ood_stats_problem` is the one check of those statistics (router and bundle
+loading). Adding a component: an `OodComponent` entry below (and, when it needs a per-row quantity not in
+`RowEvidence` yet, a field there and its line in `_evidence`); calibration, scoring and the checks follow. Bundles
+store the statistics of the components they were calibrated with: a bundle saved with other components fails
+loading with a clear error (rebuild it).
+
 ``seen[a, v] = counts[a, v] > 0`` and ``llr[a, v] = log p_a(v) - log p_bg(v)`` with add-`ALPHA` smoothed unigram
 models of adapter a's building prompts (``p_a``) and of all adapters' prompts (``p_bg``), from ``counts`` [A, V]
 (token occurrences per adapter). Everything runs after the routing kernel on its scores: one gather of [B, T]
@@ -17,12 +25,52 @@ entries from two [A, V] tables, no backbone layer. Study and choice: docs/routin
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import torch
 
 ALPHA = 0.1
 """Additive smoothing of the unigram models (a fixed constant, not tuned)."""
 
-COMPONENTS = ("neg_best", "neg_margin", "unseen_share", "neg_unigram_llr")
+
+@dataclass(frozen=True)
+class RowEvidence:
+    """What the components are computed from, per scored row (each [B] fp32; `_evidence`)."""
+
+    best_score: torch.Tensor  # s[b, a*]
+    margin: torch.Tensor  # s[b, a*] - second best (0 with one adapter)
+    seen_share: torch.Tensor  # sum_t w seen[a*, id] / sum_t w
+    mean_llr: torch.Tensor  # sum_t w llr[a*, id] / sum_t w
+
+
+@dataclass(frozen=True)
+class OodComponent:
+    """One raw component of the ood score: ``name`` and ``value(evidence)`` [B] (higher = more foreign)."""
+
+    name: str
+    value: Callable[[RowEvidence], torch.Tensor]
+
+
+COMPONENT_REGISTRY: tuple[OodComponent, ...] = (
+    OodComponent("neg_best", lambda e: -e.best_score),
+    OodComponent("neg_margin", lambda e: -e.margin),
+    OodComponent("unseen_share", lambda e: 1.0 - e.seen_share),
+    OodComponent("neg_unigram_llr", lambda e: -e.mean_llr),
+)
+"""The components, in the column order of the statistics (module docstring)."""
+
+COMPONENTS = tuple(c.name for c in COMPONENT_REGISTRY)
+OOD_STATS_SHAPE = (2, len(COMPONENTS))
+"""Shape of the z-score statistics: row 0 the mean, row 1 the sd of each component (``router.ood_stats``)."""
+
+
+def ood_stats_problem(stats: torch.Tensor) -> str | None:
+    """What is wrong with z-score statistics (``"must be finite [2, C] with positive sd, got (...)"``), or None."""
+    if (tuple(stats.shape) == OOD_STATS_SHAPE and bool(torch.isfinite(stats).all())
+            and bool((stats[1] > 0).all())):
+        return None
+    return f"must be finite {list(OOD_STATS_SHAPE)} with positive sd, got {tuple(stats.shape)}"
 
 
 def token_counts(token_ids: list[list[int]], vocab_size: int) -> torch.Tensor:
@@ -43,35 +91,47 @@ def token_tables(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return counts > 0, (p_adapter.log() - p_background.log()).to(torch.float32)
 
 
-def ood_components(input_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor,
-                   llr: torch.Tensor) -> torch.Tensor:
-    """The four raw components [B, 4] (COMPONENTS order); rows with no weight or no finite score get nan.
+def _evidence(input_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
+              lookup: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The raw components [B, C] (COMPONENTS order); rows with no weight or no finite score get nan.
 
-    ``input_ids`` [B, T], ``weights`` [B, T] fp32 (0 = ignored position), ``scores`` [B, A] (higher = closer),
-    ``seen`` [A, V] bool, ``llr`` [A, V] fp32.
+    ``input_ids`` [B, T], ``weights`` [B, T] fp32 on the device of ``scores`` [B, A]; ``lookup(adapters, ids)``
+    ([B, T] each) returns (seen [B, T] bool, llr [B, T] fp32) of the dense or the sparse token tables.
     """
-    scores = scores.float()
-    device = scores.device
-    ids = input_ids.to(device).long()
-    weights = weights.to(device=device, dtype=torch.float32)
+    ids = input_ids.long()
     best_score, best = scores.max(dim=1)  # [B]
     if scores.shape[1] >= 2:
         margin = best_score - scores.topk(2, dim=1).values[:, 1]  # [B]
     else:
         margin = torch.zeros_like(best_score)
     safe = torch.where(weights > 0, ids, torch.zeros_like(ids))  # [B, T]
-    rows = best.unsqueeze(1).expand_as(safe)  # [B, T]
+    seen, llr = lookup(best.unsqueeze(1).expand_as(safe), safe)  # [B, T] each
     total = weights.sum(dim=1)  # [B]
     denominator = total.clamp_min(1e-12)
-    seen_share = (seen.to(device)[rows, safe].float() * weights).sum(1) / denominator  # [B]
-    mean_llr = (llr.to(device)[rows, safe] * weights).sum(1) / denominator  # [B]
-    out = torch.stack([-best_score, -margin, 1.0 - seen_share, -mean_llr], dim=1)  # [B, 4]
+    evidence = RowEvidence(best_score=best_score, margin=margin,
+                           seen_share=(seen.float() * weights).sum(1) / denominator,
+                           mean_llr=(llr * weights).sum(1) / denominator)
+    out = torch.stack([c.value(evidence) for c in COMPONENT_REGISTRY], dim=1)  # [B, C]
     invalid = (total <= 0) | ~torch.isfinite(best_score)
     return torch.where(invalid.unsqueeze(1), torch.full_like(out, float("nan")), out)
 
 
+def ood_components(input_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor, seen: torch.Tensor,
+                   llr: torch.Tensor) -> torch.Tensor:
+    """The raw components [B, C] (COMPONENTS order) from dense token tables; nan rows as `_evidence`.
+
+    ``input_ids`` [B, T], ``weights`` [B, T] fp32 (0 = ignored position), ``scores`` [B, A] (higher = closer),
+    ``seen`` [A, V] bool, ``llr`` [A, V] fp32.
+    """
+    scores = scores.float()
+    device = scores.device
+    seen, llr = seen.to(device), llr.to(device)
+    return _evidence(input_ids.to(device), weights.to(device=device, dtype=torch.float32), scores,
+                     lambda rows, safe: (seen[rows, safe], llr[rows, safe]))
+
+
 def combine(components: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """ood [B] = mean_j (components[:, j] - stats[0, j]) / stats[1, j]; ``stats`` [2, 4] = (mean, sd)."""
+    """ood [B] = mean_j (components[:, j] - stats[0, j]) / stats[1, j]; ``stats`` OOD_STATS_SHAPE = (mean, sd)."""
     return ((components - stats[0].to(components)) / stats[1].to(components)).mean(dim=1)
 
 
@@ -178,18 +238,5 @@ def sparse_row(token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def ood_components_sparse(input_ids: torch.Tensor, weights: torch.Tensor, scores: torch.Tensor,
                           tables: SparseTokenCounts) -> torch.Tensor:
-    """`ood_components` with the token tables looked up in sparse counts: the same [B, 4] values."""
-    scores = scores.float().cpu()
-    ids = input_ids.cpu().long()
-    weights = weights.cpu().to(torch.float32)
-    best_score, best = scores.max(dim=1)  # [B]
-    margin = best_score - scores.topk(2, dim=1).values[:, 1] if scores.shape[1] >= 2 else torch.zeros_like(best_score)
-    safe = torch.where(weights > 0, ids, torch.zeros_like(ids))  # [B, T]
-    seen, llr = tables.seen_llr(best.unsqueeze(1).expand_as(safe), safe)  # [B, T] each
-    total = weights.sum(dim=1)  # [B]
-    denominator = total.clamp_min(1e-12)
-    seen_share = (seen.float() * weights).sum(1) / denominator
-    mean_llr = (llr * weights).sum(1) / denominator
-    out = torch.stack([-best_score, -margin, 1.0 - seen_share, -mean_llr], dim=1)  # [B, 4]
-    invalid = (total <= 0) | ~torch.isfinite(best_score)
-    return torch.where(invalid.unsqueeze(1), torch.full_like(out, float("nan")), out)
+    """`ood_components` with the token tables looked up in sparse counts (on CPU): the same [B, C] values."""
+    return _evidence(input_ids.cpu(), weights.cpu().to(torch.float32), scores.float().cpu(), tables.seen_llr)

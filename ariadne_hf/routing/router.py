@@ -9,7 +9,7 @@ from torch import nn
 
 from ..constants import BASE_ADAPTER
 from ..kernels import embed_pool_distance
-from .ood import SparseTokenCounts, combine, ood_components_sparse, routing_weights
+from .ood import SparseTokenCounts, combine, ood_components_sparse, ood_stats_problem, routing_weights
 
 
 @dataclass
@@ -116,7 +116,7 @@ class AriadneRouter(nn.Module):
     Buffers: `centroids` [K, D] fp32 (unit rows for cosine, in the whitened space), `centroid_adapter` [K] int64,
     `center` [D] fp32 or empty [0], `token_weights` [V] fp32 or empty [0], `transform` [D, D] fp32 (whitening W)
     or empty [0], and the out-of-distribution tables (see `ood.py`): `token_table` (`SparseTokenCounts`, host
-    memory, only the tokens each adapter's prompts contain) or None, and `ood_stats` [2, 4] fp32 or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
+    memory, only the tokens each adapter's prompts contain) or None, and `ood_stats` [2, C] fp32 (`ood.OOD_STATS_SHAPE`) or empty [0]. Adapter a owns rows with centroid_adapter == a. A prompt is scored as
     sim(W (pooled - center), C[k]).
     """
 
@@ -168,7 +168,7 @@ class AriadneRouter(nn.Module):
 
     def set_ood(self, token_counts: torch.Tensor | SparseTokenCounts | None, stats: torch.Tensor | None) -> None:
         """Set the out-of-distribution tables: token counts (sparse, or dense [A, V] int >= 0 as bundles before
-        sparse tables stored them) and z-score stats [2, 4] (sd > 0), or None for both (no ood score)."""
+        sparse tables stored them) and z-score stats `ood.OOD_STATS_SHAPE` [2, C] (sd > 0), or None for both (no ood score)."""
         device = self.centroids.device
         if token_counts is None or stats is None:
             self.token_table = None
@@ -184,8 +184,9 @@ class AriadneRouter(nn.Module):
         if token_counts.num_adapters != len(self.adapter_names):
             raise ValueError(f"Router token counts cover {token_counts.num_adapters} adapters, expected "
                              f"{len(self.adapter_names)} (one per adapter).")
-        if stats.shape != (2, 4) or not bool(torch.isfinite(stats).all()) or not bool((stats[1] > 0).all()):
-            raise ValueError(f"Router ood stats must be finite [2, 4] with positive sd, got {tuple(stats.shape)}.")
+        problem = ood_stats_problem(stats)
+        if problem:
+            raise ValueError(f"Router ood stats {problem}.")
         self.token_table = token_counts
         self.ood_stats = stats.to(device=device, dtype=torch.float32).contiguous()
 
@@ -299,7 +300,7 @@ class AriadneRouter(nn.Module):
         if not self.has_ood():
             return None
         weights = routing_weights(input_ids.cpu(), attention_mask.cpu(), self.optional_token_weights())  # [B, T]
-        components = ood_components_sparse(input_ids, weights, scores, self.token_table)  # [B, 4]
+        components = ood_components_sparse(input_ids, weights, scores, self.token_table)  # [B, C]
         return combine(components, self.ood_stats.cpu()).float()
 
     def decide(

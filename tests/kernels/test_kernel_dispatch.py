@@ -161,19 +161,22 @@ def compile_kernel(fn, ptr_types, constexprs, num_warps=4):
 epd = importlib.import_module("ariadne_hf.kernels.pool_distance_triton")
 mix = importlib.import_module("ariadne_hf.kernels.mixture_triton")
 assert not epd.INTERPRETED and not mix.INTERPRETED
-for table, ids, flag in [("bf16", "i64", True), ("fp32", "i32", False), ("fp16", "i64", True)]:
+from ariadne_hf.kernels.distances import REGISTRY
+codes = [d.code for d in REGISTRY.values()]
+for i, (table, ids, flag) in enumerate([("bf16", "i64", True), ("fp32", "i32", False), ("fp16", "i64", True)]):
+    code, other = codes[i % len(codes)], codes[(i + 1) % len(codes)]  # every distance, in both kernels
     ptrs = dict(ids_ptr=f"*{ids}", mask_ptr="*u8", emb_ptr=f"*{table}", tokw_ptr="*fp32", center_ptr="*fp32",
                 transform_ptr="*fp32", cent_ptr="*fp32", c2a_ptr="*i32", pooled_ptr="*fp32", whitened_ptr="*fp32",
                 wsum_ptr="*fp32", scores_ptr="*fp32", best_ptr="*i64", sync_ptr="*i32")
     compile_kernel(epd._embed_pool_distance_kernel, ptrs,
-                   dict(HAS_TOKW=flag, HAS_CENTER=flag, HAS_TRANSFORM=not flag, IS_COSINE=flag, **epd.GPU_BLOCKS))
+                   dict(HAS_TOKW=flag, HAS_CENTER=flag, HAS_TRANSFORM=not flag, DISTANCE=code, **epd.GPU_BLOCKS))
     blocks = {k: v for k, v in epd.GPU_BLOCKS.items() if k != "BLOCK_T"}
     ptrs = dict(new_ids_ptr=f"*{ids}", new_mask_ptr="*u8", emb_ptr=f"*{table}", tokw_ptr="*fp32",
                 center_ptr="*fp32", transform_ptr="*fp32", cent_ptr="*fp32", c2a_ptr="*i32", sum_ptr="*fp32",
                 wsum_ptr="*fp32", pooled_ptr="*fp32", whitened_ptr="*fp32", scores_ptr="*fp32", best_ptr="*i64",
                 sync_ptr="*i32")
     compile_kernel(epd._incremental_pool_distance_kernel, ptrs,
-                   dict(HAS_MASK=flag, HAS_TOKW=flag, HAS_CENTER=flag, HAS_TRANSFORM=flag, IS_COSINE=not flag,
+                   dict(HAS_MASK=flag, HAS_TOKW=flag, HAS_CENTER=flag, HAS_TRANSFORM=flag, DISTANCE=other,
                         **blocks))
 for dtype, n, k in [("bf16", 1, 2), ("fp32", 256, 1), ("fp16", 8, 4)]:
     blocks = mix.mixture_lora_blocks(n, 2048, 2048, 16, k, torch.device("cuda"))

@@ -6,7 +6,7 @@ import kernel_cases as cases
 import pytest
 import torch
 
-from ariadne_hf.kernels import pool_distance_torch
+from ariadne_hf.kernels import DISTANCES, pool_distance_torch
 from ariadne_hf.kernels.pool_distance_torch import (
     embed_pool_distance_ref,
     incremental_pool_distance_ref,
@@ -26,7 +26,7 @@ REF_CASES = [
 ]
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("spec", REF_CASES)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_reference_scores_best_and_pooled_match_a_float64_row_loop(spec, distance, dtype):
@@ -146,7 +146,7 @@ def test_bad_arguments_raise_value_error_naming_the_argument(change, message):
 # ---- incremental --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_incremental_steps_end_at_the_full_prompt_routes_and_pooled_sums(distance, dtype):
     case = cases.make_case(4, 9, 50, 40, 8, 3, dtype=cases.DTYPES[dtype], padding="left", empty_rows=(2,),

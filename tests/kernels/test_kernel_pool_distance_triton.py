@@ -8,7 +8,7 @@ import kernel_cases as cases  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from ariadne_hf.kernels import embed_pool_distance, incremental_pool_distance  # noqa: E402
+from ariadne_hf.kernels import DISTANCES, embed_pool_distance, incremental_pool_distance, routing_args  # noqa: E402
 from ariadne_hf.kernels.pool_distance_torch import embed_pool_distance_ref, incremental_pool_distance_ref  # noqa: E402
 
 pytest.importorskip("triton")
@@ -73,17 +73,16 @@ def test_kernel_scores_best_and_pooled_match_the_torch_reference(kernels, spec):
         assert got[1][b] == -1 and torch.isinf(got[0][b]).all()
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", DISTANCES)
 def test_kernel_with_small_blocks_looping_over_every_tile_matches_the_reference(kernels, distance):
     """Blocks of 16/32 force loops over T, D (pool and score), K and A tiles and several row blocks."""
     case = cases.make_case(35, 40, 60, 123, 70, 37, dtype=torch.bfloat16, padding="left", center=True,
                            token_weights=True, empty_rows=(16, 34), seed=11)
     ref = cases.call(embed_pool_distance_ref, case, distance=distance, return_pooled=True)
-    got = kernels.embed_pool_distance_triton(
-        case["input_ids"], case["attention_mask"], case["embed_weight"], case["centroids"],
-        case["centroid_adapter"], case["num_adapters"], center=case["center"], token_weights=case["token_weights"],
-        distance=distance, return_pooled=True, block_sizes=SMALL_BLOCKS,
-    )
+    args = routing_args(case["embed_weight"], case["centroids"], case["centroid_adapter"], case["num_adapters"],
+                        center=case["center"], token_weights=case["token_weights"], distance=distance)
+    got = kernels.embed_pool_distance_triton(case["input_ids"], case["attention_mask"], args, return_pooled=True,
+                                             block_sizes=SMALL_BLOCKS)
     torch.testing.assert_close(got[2], ref[2], rtol=1e-5, atol=1e-6)
     cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.bfloat16, distance, ref[0]))
 
@@ -129,12 +128,13 @@ def test_kernel_rejects_out_of_range_ids_strided_tables_and_non_power_of_two_blo
         cases.call(embed_pool_distance, case, backend="triton")
     case = cases.make_case(2, 6, 30, 32, 3, 2, seed=13)
     with pytest.raises(ValueError, match="power of two"):
-        kernels.embed_pool_distance_triton(case["input_ids"], case["attention_mask"], case["embed_weight"],
-                                           case["centroids"], case["centroid_adapter"], 2,
+        kernels.embed_pool_distance_triton(case["input_ids"], case["attention_mask"],
+                                           routing_args(case["embed_weight"], case["centroids"],
+                                                        case["centroid_adapter"], 2),
                                            block_sizes={"BLOCK_K": 24})
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", DISTANCES)
 @pytest.mark.parametrize("blocks", [None, SMALL_BLOCKS], ids=["default-blocks", "small-blocks"])
 def test_incremental_kernel_state_and_routes_match_the_reference_at_every_step(kernels, distance, blocks):
     case = cases.make_case(17, 6, 50, 123, 40, 5, dtype=torch.bfloat16, padding="left", token_weights=True,
@@ -151,9 +151,9 @@ def test_incremental_kernel_state_and_routes_match_the_reference_at_every_step(k
             got = incremental_pool_distance(*step, *state_tri, *tail, new_mask=case["attention_mask"][:, t],
                                             backend="triton", **common)
         else:
-            got = kernels.incremental_pool_distance_triton(*step, *state_tri, *tail,
+            got = kernels.incremental_pool_distance_triton(*step, *state_tri, routing_args(*tail, **common),
                                                            new_mask=case["attention_mask"][:, t],
-                                                           block_sizes=blocks, **common)
+                                                           block_sizes=blocks)
         torch.testing.assert_close(state_tri[0], state_ref[0], rtol=1e-6, atol=1e-6)
         assert torch.equal(state_tri[1], state_ref[1])
         cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.float32, distance, ref[0]))
@@ -239,19 +239,18 @@ def test_kernel_with_a_whitening_transform_matches_the_reference(kernels, spec):
         assert got[1][b] == -1 and torch.isinf(got[0][b]).all() and (got[0][b] < 0).all()
 
 
-@pytest.mark.parametrize("distance", ["cosine", "l2"])
+@pytest.mark.parametrize("distance", DISTANCES)
 def test_kernel_transform_with_small_blocks_looping_over_every_tile_matches_the_reference(kernels, distance):
     """Blocks of 16/32: several row blocks, output d-tiles and input d-tiles of the whitening phase, k-tiles."""
     case = cases.make_case(18, 5, 40, 70, 20, 5, dtype=torch.bfloat16, padding="left", center=True,
                            token_weights=True, empty_rows=(16,), seed=21)
 
     def call(case, transform, distance):
-        return kernels.embed_pool_distance_triton(
-            case["input_ids"], case["attention_mask"], case["embed_weight"], case["centroids"],
-            case["centroid_adapter"], case["num_adapters"], center=case["center"],
-            token_weights=case["token_weights"], transform=transform, distance=distance, return_pooled=True,
-            block_sizes=SMALL_BLOCKS,
-        )
+        args = routing_args(case["embed_weight"], case["centroids"], case["centroid_adapter"], case["num_adapters"],
+                            center=case["center"], token_weights=case["token_weights"], transform=transform,
+                            distance=distance)
+        return kernels.embed_pool_distance_triton(case["input_ids"], case["attention_mask"], args,
+                                                  return_pooled=True, block_sizes=SMALL_BLOCKS)
 
     decided = _check_transform_against_reference(case, random_transform(70, "general", 21), distance,
                                                  torch.bfloat16, call=call)
@@ -262,7 +261,7 @@ def test_kernel_identity_transform_is_exactly_no_transform(kernels):
     """W = I: the whitening phase (centering moved into it) gives bitwise the scores of the plain path."""
     case = cases.make_case(5, 9, 40, 123, 17, 4, padding="left", center=True, token_weights=True, empty_rows=(2,),
                            seed=22)
-    for distance in ("cosine", "l2"):
+    for distance in DISTANCES:
         plain = cases.call(embed_pool_distance, case, distance=distance, backend="triton")
         eye = cases.call(embed_pool_distance, case, transform=torch.eye(123), distance=distance, backend="triton")
         assert torch.equal(plain[0], eye[0]) and torch.equal(plain[1], eye[1])
@@ -287,9 +286,9 @@ def test_kernel_transform_handles_empty_batches_no_centroids_strided_w_and_rejec
         with pytest.raises(ValueError, match="transform"):
             cases.call(embed_pool_distance, case, transform=bad, backend="triton")
         with pytest.raises(ValueError, match="transform"):
-            kernels.incremental_pool_distance_triton(
+            incremental_pool_distance(
                 case["input_ids"][:, 0], torch.zeros(3, 48), torch.zeros(3), case["embed_weight"], case["centroids"],
-                case["centroid_adapter"], 3, transform=bad)
+                case["centroid_adapter"], 3, transform=bad, backend="triton")
 
 
 @pytest.mark.parametrize("distance, blocks", [("cosine", None), ("l2", SMALL_BLOCKS)],
@@ -311,8 +310,8 @@ def test_incremental_kernel_with_a_transform_matches_the_reference_at_every_step
         if blocks is None:
             got = incremental_pool_distance(*step, *state_tri, *tail, new_mask=mask, backend="triton", **common)
         else:
-            got = kernels.incremental_pool_distance_triton(*step, *state_tri, *tail, new_mask=mask,
-                                                           block_sizes=blocks, **common)
+            got = kernels.incremental_pool_distance_triton(*step, *state_tri, routing_args(*tail, **common),
+                                                           new_mask=mask, block_sizes=blocks)
         torch.testing.assert_close(state_tri[0], state_ref[0], rtol=1e-6, atol=1e-6)
         assert torch.equal(state_tri[1], state_ref[1])
         cases.assert_routes_match(ref[0], ref[1], got[0], got[1], cases.score_tolerance(torch.float32, distance, ref[0]))

@@ -2,6 +2,7 @@
 
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -26,9 +27,13 @@ from ariadne_hf.routing.calibration import (
 )
 from ariadne_hf.routing.ood import (
     ALPHA,
+    COMPONENT_REGISTRY,
+    COMPONENTS,
+    OOD_STATS_SHAPE,
     SparseTokenCounts,
     ood_components,
     ood_components_sparse,
+    ood_stats_problem,
     token_tables,
 )
 
@@ -61,6 +66,19 @@ def test_components_match_a_per_row_python_oracle():
         expected = [-ordered[0], -(ordered[0] - ordered[1]), unseen, -mean_llr]
         assert torch.allclose(out[b], torch.tensor(expected, dtype=torch.float32), atol=1e-5), (b, out[b], expected)
     assert bool(torch.isnan(out[4]).all())
+
+
+def test_the_component_registry_defines_the_names_the_stats_shape_and_the_stats_check():
+    assert COMPONENTS == ("neg_best", "neg_margin", "unseen_share", "neg_unigram_llr")  # bundle format 1.3 columns
+    assert COMPONENTS == tuple(c.name for c in COMPONENT_REGISTRY) and OOD_STATS_SHAPE == (2, len(COMPONENTS))
+    good = torch.stack([torch.zeros(len(COMPONENTS)), torch.ones(len(COMPONENTS))])
+    assert ood_stats_problem(good) is None
+    for bad in (good[:, :-1], good[:1], torch.cat([good, good], 1), good * float("nan"), good * -1.0):
+        problem = ood_stats_problem(bad)
+        assert problem and f"must be finite {list(OOD_STATS_SHAPE)} with positive sd, got {tuple(bad.shape)}" == problem
+    out = ood_components(torch.tensor([[1, 2]]), torch.ones(1, 2), torch.tensor([[0.5, 0.1]]),
+                         torch.ones(2, 5, dtype=torch.bool), torch.zeros(2, 5))
+    assert out.shape == (1, len(COMPONENTS))
 
 
 def test_sparse_token_tables_equal_the_dense_ones_and_edit_like_them():
@@ -114,6 +132,7 @@ def test_calibration_is_cross_fitted_and_hits_its_target_on_held_out_prompts():
     first = calibrate_ood(pooled, token_ids, vocab, build_kwargs=kwargs, reject_rate=0.05, seed=0)
     again = calibrate_ood(pooled, token_ids, vocab, build_kwargs=kwargs, reject_rate=0.05, seed=0)
     assert first.threshold == again.threshold and torch.equal(first.stats, again.stats)
+    assert tuple(first.stats.shape) == OOD_STATS_SHAPE and ood_stats_problem(first.stats) is None
     assert first.info["heldout_prompts"] == 180 and first.info["folds"] == 5
     assert abs(first.info["heldout_reject_rate"] - 0.05) <= 1 / 180 + 1e-9
     assert first.token_counts.dense().shape == (3, vocab) and int(first.token_counts.dense().sum()) == 3 * 60 * 6
@@ -169,10 +188,21 @@ def test_bundle_round_trip_keeps_ood_tables_and_refuses_broken_ones(tiny_model, 
     with pytest.raises(BundleError, match="do not fit 3 adapters x 200 tokens"):
         AriadneRoutedModel.from_pretrained(path)
     tensors[ROUTER_TOKEN_KEYS] = keys
-    tensors.pop(ROUTER_TOKEN_VALUES)
+    values = tensors.pop(ROUTER_TOKEN_VALUES)
     save_file(tensors, router_file)
     with pytest.raises(BundleError, match="only one of"):
         AriadneRoutedModel.from_pretrained(path)
+    tensors[ROUTER_TOKEN_VALUES] = values
+    stats = tensors[ROUTER_OOD_STATS]
+    tensors[ROUTER_OOD_STATS] = stats[:, :-1].contiguous()  # one component short: statistics of another component list
+    save_file(tensors, router_file)
+    expected = re.escape(f"must be finite {list(OOD_STATS_SHAPE)} with positive sd, got {tuple(stats[:, :-1].shape)}")
+    with pytest.raises(BundleError, match=expected + "; the router file is corrupt"):
+        AriadneRoutedModel.from_pretrained(path)
+    with pytest.raises(ValueError, match="Router ood stats " + expected):
+        tiny_model.router.set_ood(tiny_model.router.token_table, stats[:, :-1])
+    tensors[ROUTER_OOD_STATS] = stats
+    tensors.pop(ROUTER_TOKEN_VALUES)
     # a 1.2 bundle: dense [A, V] counts load into the same sparse tables and give the same scores
     tensors.pop(ROUTER_TOKEN_KEYS)
     tensors[ROUTER_TOKEN_COUNTS] = tiny_model.router.token_counts
