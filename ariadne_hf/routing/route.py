@@ -10,18 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..constants import (
-    ROUTER_CENTER,
-    ROUTER_CENTROID_ADAPTER,
-    ROUTER_CENTROIDS,
-    ROUTER_OOD_STATS,
-    ROUTER_TOKEN_COUNTS,
-    ROUTER_TOKEN_KEYS,
-    ROUTER_TOKEN_VALUES,
-    ROUTER_TOKEN_WEIGHTS,
-    ROUTER_TRANSFORM,
-    TOKEN_ROUTER_PREFIX,
-)
+from .. import constants
 from .calibration import auto_threshold
 from .inputs import validate_token_ids
 from .ood import SparseTokenCounts, routing_weights
@@ -68,44 +57,44 @@ def route_decision(config, router: AriadneRouter, signal: RoutingSignal, input_i
 
 
 def token_router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter | None:
-    """The token-routing router of a routing_layer > 0 bundle (tensors under `TOKEN_ROUTER_PREFIX`: centroids,
+    """The token-routing router of a routing_layer > 0 bundle (tensors under `constants.TOKEN_ROUTER_PREFIX`: centroids,
     center, whitening in the input-embedding space; no ood tables), None when the bundle has none."""
-    inner = {k[len(TOKEN_ROUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(TOKEN_ROUTER_PREFIX)}
-    if ROUTER_CENTROIDS not in inner:
+    inner = {k[len(constants.TOKEN_ROUTER_PREFIX):]: v for k, v in tensors.items() if k.startswith(constants.TOKEN_ROUTER_PREFIX)}
+    if constants.ROUTER_CENTROIDS not in inner:
         return None
-    if ROUTER_TOKEN_WEIGHTS in tensors:
-        inner[ROUTER_TOKEN_WEIGHTS] = tensors[ROUTER_TOKEN_WEIGHTS]
+    if constants.ROUTER_TOKEN_WEIGHTS in tensors:
+        inner[constants.ROUTER_TOKEN_WEIGHTS] = tensors[constants.ROUTER_TOKEN_WEIGHTS]
     return router_from_tensors(config, inner)
 
 
 def router_tensors(router: AriadneRouter, *, tables_only: bool = False) -> dict[str, torch.Tensor]:
     """What `router_from_tensors` reads back: the centroid table, its center and whitening when set, and unless
     `tables_only` the special-token weights and the sparse ood tables when the router has them."""
-    out = {ROUTER_CENTROIDS: router.centroids, ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
-    optional = {ROUTER_CENTER: router.optional_center(), ROUTER_TRANSFORM: router.optional_transform()}
+    out = {constants.ROUTER_CENTROIDS: router.centroids, constants.ROUTER_CENTROID_ADAPTER: router.centroid_adapter}
+    optional = {constants.ROUTER_CENTER: router.optional_center(), constants.ROUTER_TRANSFORM: router.optional_transform()}
     if not tables_only:
-        optional[ROUTER_TOKEN_WEIGHTS] = router.optional_token_weights()
+        optional[constants.ROUTER_TOKEN_WEIGHTS] = router.optional_token_weights()
     out.update({key: value for key, value in optional.items() if value is not None})
     if not tables_only and router.has_ood():
-        out.update({ROUTER_TOKEN_KEYS: router.token_table.keys, ROUTER_TOKEN_VALUES: router.token_table.values,
-                    ROUTER_OOD_STATS: router.ood_stats})
+        out.update({constants.ROUTER_TOKEN_KEYS: router.token_table.keys, constants.ROUTER_TOKEN_VALUES: router.token_table.values,
+                    constants.ROUTER_OOD_STATS: router.ood_stats})
     return out
 
 
 def token_router_tensors(router: AriadneRouter) -> dict[str, torch.Tensor]:
     """What `token_router_from_tensors` reads back (the token weights are the main router's)."""
-    return {TOKEN_ROUTER_PREFIX + k: v for k, v in router_tensors(router, tables_only=True).items()}
+    return {constants.TOKEN_ROUTER_PREFIX + k: v for k, v in router_tensors(router, tables_only=True).items()}
 
 
 def router_from_tensors(config, tensors: dict[str, torch.Tensor]) -> AriadneRouter:
     """The router of a bundle: its config (adapter order, distance) and its router tensors (centroids, center,
     token weights, whitening, ood tables), validated by `AriadneRouter.set_tables` / `set_ood`."""
-    router = AriadneRouter(config.adapter_names, int(tensors[ROUTER_CENTROIDS].shape[1]), config.distance)
-    router.set_tables(tensors[ROUTER_CENTROIDS], tensors[ROUTER_CENTROID_ADAPTER], tensors.get(ROUTER_CENTER),
-                      tensors.get(ROUTER_TOKEN_WEIGHTS), tensors.get(ROUTER_TRANSFORM))
-    counts = tensors.get(ROUTER_TOKEN_COUNTS)  # dense [A, V] (bundles 1.2) or the sparse pair (1.3)
-    if tensors.get(ROUTER_TOKEN_KEYS) is not None:
-        counts = SparseTokenCounts(tensors[ROUTER_TOKEN_KEYS], tensors[ROUTER_TOKEN_VALUES], len(config.adapter_names),
+    router = AriadneRouter(config.adapter_names, int(tensors[constants.ROUTER_CENTROIDS].shape[1]), config.distance)
+    router.set_tables(tensors[constants.ROUTER_CENTROIDS], tensors[constants.ROUTER_CENTROID_ADAPTER], tensors.get(constants.ROUTER_CENTER),
+                      tensors.get(constants.ROUTER_TOKEN_WEIGHTS), tensors.get(constants.ROUTER_TRANSFORM))
+    counts = tensors.get(constants.ROUTER_TOKEN_COUNTS)  # dense [A, V] (bundles 1.2) or the sparse pair (1.3)
+    if tensors.get(constants.ROUTER_TOKEN_KEYS) is not None:
+        counts = SparseTokenCounts(tensors[constants.ROUTER_TOKEN_KEYS], tensors[constants.ROUTER_TOKEN_VALUES], len(config.adapter_names),
                                    int(config.embedding_vocab_size))
-    router.set_ood(counts, tensors.get(ROUTER_OOD_STATS))
+    router.set_ood(counts, tensors.get(constants.ROUTER_OOD_STATS))
     return router
